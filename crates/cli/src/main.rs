@@ -1,0 +1,315 @@
+//! `tern`: the operator's command-line tool. Tables for people, `--json` for scripts.
+//!
+//! Exit codes: 0 success, 1 server-side failure, 2 bad arguments, 3 not found, 4 already
+//! exists, 5 cluster unreachable, 6 refused (precondition, e.g. shrinking without
+//! `--allow-shrink`).
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tern_common::{format_size, parse_size, validate_volume_name, validate_volume_size};
+use tern_proto::v1::{self, volume_admin_client::VolumeAdminClient, volume_ref};
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about = "Operate a Tern block storage cluster")]
+struct Cli {
+    /// gRPC endpoint of the cluster (a storage node for now).
+    #[arg(long, global = true, env = "TERN_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    endpoint: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Storage node status.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10G, 512M, 1T (binary units).
+        #[arg(long)]
+        size: String,
+        /// Export it read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Labels, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Get { name: String },
+    /// Change a volume's size. Shrinking discards data past the new end.
+    Resize {
+        name: String,
+        size: String,
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Change a volume's settings.
+    Set {
+        name: String,
+        #[arg(long, action = clap::ArgAction::Set)]
+        read_only: Option<bool>,
+    },
+    /// Delete a volume and all its data.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Show the node's status.
+    Status,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("label {s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// A failure with the exit code it maps to.
+struct Fail {
+    code: u8,
+    msg: String,
+}
+
+impl Fail {
+    fn usage(msg: impl std::fmt::Display) -> Self {
+        Self { code: 2, msg: msg.to_string() }
+    }
+}
+
+impl From<tonic::Status> for Fail {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let code = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => 2,
+            Code::NotFound => 3,
+            Code::AlreadyExists => 4,
+            Code::Unavailable | Code::DeadlineExceeded => 5,
+            Code::FailedPrecondition | Code::PermissionDenied => 6,
+            _ => 1,
+        };
+        let msg = if code == 5 {
+            format!("cluster unreachable: {}", s.message())
+        } else {
+            s.message().to_string()
+        };
+        Self { code, msg }
+    }
+}
+
+fn by_name(name: &str) -> Option<v1::VolumeRef> {
+    Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Name(name.to_string())) })
+}
+
+fn volume_json(v: &v1::Volume) -> serde_json::Value {
+    serde_json::json!({
+        "id": v.id,
+        "name": v.name,
+        "size_bytes": v.size_bytes,
+        "allocated_bytes": v.allocated_bytes,
+        "block_size": v.block_size,
+        "chunk_size": v.chunk_size,
+        "storage_class": storage_class(v.storage_class),
+        "read_only": v.read_only,
+        "created_at": v.created_at,
+        "tenant": v.tenant,
+        "labels": v.labels,
+    })
+}
+
+fn storage_class(c: i32) -> &'static str {
+    match v1::StorageClass::try_from(c) {
+        Ok(v1::StorageClass::Replicated) => "replicated",
+        Ok(v1::StorageClass::Local) => "local",
+        _ => "unspecified",
+    }
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<0$}", w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn volume_rows(vs: &[v1::Volume]) -> Vec<Vec<String>> {
+    vs.iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.id.to_string(),
+                format_size(v.size_bytes),
+                format_size(v.allocated_bytes),
+                storage_class(v.storage_class).to_string(),
+                if v.read_only { "ro" } else { "rw" }.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const VOLUME_HEADER: [&str; 6] = ["NAME", "ID", "SIZE", "ALLOCATED", "CLASS", "MODE"];
+
+fn show_volumes(json: bool, vs: &[v1::Volume]) {
+    if json {
+        let arr: Vec<_> = vs.iter().map(volume_json).collect();
+        println!("{}", serde_json::Value::Array(arr));
+    } else {
+        print_table(&VOLUME_HEADER, &volume_rows(vs));
+    }
+}
+
+fn show_volume(json: bool, v: &v1::Volume) {
+    if json {
+        println!("{}", volume_json(v));
+    } else {
+        print_table(&VOLUME_HEADER, &volume_rows(std::slice::from_ref(v)));
+    }
+}
+
+async fn connect(endpoint: &str) -> Result<VolumeAdminClient<Channel>, Fail> {
+    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| Fail::usage(format!("bad endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    let ch = ep.connect().await.map_err(|e| Fail {
+        code: 5,
+        msg: format!("cannot reach {endpoint}: {e}"),
+    })?;
+    Ok(VolumeAdminClient::new(ch))
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    // Validate arguments before touching the network: bad input gets a clear message fast.
+    match &cli.cmd {
+        Cmd::Volume(VolumeCmd::Create { name, size, .. }) => {
+            validate_volume_name(name).map_err(Fail::usage)?;
+            validate_volume_size(parse_size(size).map_err(Fail::usage)?).map_err(Fail::usage)?;
+        }
+        Cmd::Volume(VolumeCmd::Resize { size, .. }) => {
+            validate_volume_size(parse_size(size).map_err(Fail::usage)?).map_err(Fail::usage)?;
+        }
+        _ => {}
+    }
+    let mut c = connect(&cli.endpoint).await?;
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels }) => {
+            let req = v1::CreateVolumeRequest {
+                name,
+                size_bytes: parse_size(&size).map_err(Fail::usage)?,
+                storage_class: v1::StorageClass::Local as i32,
+                read_only,
+                tenant: String::new(),
+                labels: labels.into_iter().collect::<HashMap<_, _>>(),
+            };
+            let v = c.create_volume(req).await?.into_inner();
+            show_volume(json, &v);
+        }
+        Cmd::Volume(VolumeCmd::List) => {
+            let vs = c.list_volumes(v1::ListVolumesRequest {}).await?.into_inner().volumes;
+            show_volumes(json, &vs);
+        }
+        Cmd::Volume(VolumeCmd::Get { name }) => {
+            let v = c.get_volume(v1::GetVolumeRequest { volume: by_name(&name) }).await?;
+            show_volume(json, &v.into_inner());
+        }
+        Cmd::Volume(VolumeCmd::Resize { name, size, allow_shrink }) => {
+            let req = v1::ResizeVolumeRequest {
+                volume: by_name(&name),
+                size_bytes: parse_size(&size).map_err(Fail::usage)?,
+                allow_shrink,
+            };
+            show_volume(json, &c.resize_volume(req).await?.into_inner());
+        }
+        Cmd::Volume(VolumeCmd::Set { name, read_only }) => {
+            if read_only.is_none() {
+                return Err(Fail::usage("nothing to set: give --read-only true|false"));
+            }
+            let req = v1::UpdateVolumeRequest { volume: by_name(&name), read_only };
+            show_volume(json, &c.update_volume(req).await?.into_inner());
+        }
+        Cmd::Volume(VolumeCmd::Delete { name }) => {
+            c.delete_volume(v1::DeleteVolumeRequest { volume: by_name(&name) }).await?;
+            if json {
+                println!("{}", serde_json::json!({ "deleted": name }));
+            } else {
+                println!("deleted volume {name}");
+            }
+        }
+        Cmd::Node(NodeCmd::Status) => {
+            let s = c.node_status(v1::NodeStatusRequest {}).await?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "node_id": s.node_id, "version": s.version, "datacenter": s.datacenter,
+                        "io_engine": s.io_engine, "direct_io": s.direct_io, "volumes": s.volumes,
+                        "allocated_bytes": s.allocated_bytes, "checksum_errors": s.checksum_errors,
+                    })
+                );
+            } else {
+                print_table(
+                    &["NODE", "DC", "ENGINE", "DIRECT_IO", "VOLUMES", "ALLOCATED", "CSUM_ERRORS"],
+                    &[vec![
+                        s.node_id.to_string(),
+                        s.datacenter,
+                        s.io_engine,
+                        s.direct_io.to_string(),
+                        s.volumes.to_string(),
+                        format_size(s.allocated_bytes),
+                        s.checksum_errors.to_string(),
+                    ]],
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("tern: {}", f.msg);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Domain vocabulary shared by Tern's crates: the block and chunk geometry, volume names and
+//! sizes (with the parsing and validation every entry point uses), and logging set-up.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+/// Bytes per block: the unit of checksums and of allocation in the chunk store.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Bytes per chunk: the unit of placement (and, later, of replication).
+pub const CHUNK_SIZE: u64 = 64 * 1024 * 1024;
+/// Blocks per chunk.
+pub const BLOCKS_PER_CHUNK: u64 = CHUNK_SIZE / BLOCK_SIZE;
+/// The largest volume: 64 TiB.
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+/// The largest single read or write the data path accepts (the NBD frontend advertises it).
+pub const MAX_IO_SIZE: u64 = 32 << 20;
+/// The longest volume name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A volume's identity: assigned by the store at creation, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeId(pub u64);
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Why a name or size was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InputError {
+    #[error("volume name must not be empty")]
+    EmptyName,
+    #[error("volume name is longer than {MAX_NAME_LEN} bytes")]
+    NameTooLong,
+    #[error(
+        "volume name {0:?} has a character other than a-z, A-Z, 0-9, '.', '_' and '-', \
+         or starts with one of '.', '-'"
+    )]
+    BadNameChar(String),
+    #[error("size {0:?} is not a number with an optional unit (K, M, G, T; KiB, MiB, GiB, TiB)")]
+    BadSize(String),
+    #[error("size must not be zero")]
+    ZeroSize,
+    #[error("size {size} is not a multiple of {BLOCK_SIZE} bytes")]
+    UnalignedSize { size: u64 },
+    #[error("size {size} exceeds the maximum volume size of {MAX_VOLUME_SIZE} bytes")]
+    SizeTooLarge { size: u64 },
+}
+
+/// Checks a volume name: 1 to 64 bytes of `[A-Za-z0-9._-]`, not starting with `.` or `-`
+/// (names appear in NBD export names, file paths and URIs).
+pub fn validate_volume_name(name: &str) -> Result<(), InputError> {
+    if name.is_empty() {
+        return Err(InputError::EmptyName);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(InputError::NameTooLong);
+    }
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !name.chars().all(ok_char) || name.starts_with(['.', '-']) {
+        return Err(InputError::BadNameChar(name.to_string()));
+    }
+    Ok(())
+}
+
+/// Checks a volume size: non-zero, a whole number of blocks, at most [`MAX_VOLUME_SIZE`].
+pub fn validate_volume_size(size: u64) -> Result<(), InputError> {
+    if size == 0 {
+        return Err(InputError::ZeroSize);
+    }
+    if !size.is_multiple_of(BLOCK_SIZE) {
+        return Err(InputError::UnalignedSize { size });
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(InputError::SizeTooLarge { size });
+    }
+    Ok(())
+}
+
+/// Parses `1073741824`, `512M`, `1G`, `1GiB`, `2T` (binary units, case-insensitive).
+pub fn parse_size(s: &str) -> Result<u64, InputError> {
+    let bad = || InputError::BadSize(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Formats bytes for people: `1.0 GiB`, `512.0 MiB`, `4096 B`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// Structured logging to stderr for the daemons, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_volume_name("demo").is_ok());
+        assert!(validate_volume_name("vm-01_disk.0").is_ok());
+        assert_eq!(validate_volume_name(""), Err(InputError::EmptyName));
+        assert!(validate_volume_name("a/b").is_err());
+        assert!(validate_volume_name("-x").is_err());
+        assert!(validate_volume_name(".x").is_err());
+        assert!(validate_volume_name("é").is_err());
+        assert_eq!(validate_volume_name(&"a".repeat(65)), Err(InputError::NameTooLong));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+        assert_eq!(validate_volume_size(0), Err(InputError::ZeroSize));
+        assert_eq!(validate_volume_size(1000), Err(InputError::UnalignedSize { size: 1000 }));
+        assert!(validate_volume_size(MAX_VOLUME_SIZE + BLOCK_SIZE).is_err());
+        assert_eq!(format_size(1 << 30), "1.0 GiB");
+    }
+
+    proptest! {
+        #[test]
+        fn parse_size_round_trips_plain_numbers(n in 0u64..u64::MAX) {
+            prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
+        }
+    }
+}

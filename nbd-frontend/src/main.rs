@@ -1,0 +1,44 @@
+//! `tern-nbd-frontend`: serves Tern volumes over NBD on a hypervisor host, as a client of a
+//! storage node. Thin: parse flags, connect, bind, serve until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use tern_nbd_frontend::grpc::GrpcBackend;
+use tern_nbd_frontend::{serve, ServerOptions};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "tern-nbd-frontend", version, about = "Serves Tern volumes over NBD")]
+struct Args {
+    /// Address the NBD server listens on.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: SocketAddr,
+    /// gRPC endpoint of the storage node.
+    #[arg(long, env = "TERN_STORAGE", default_value = "http://127.0.0.1:7700")]
+    storage: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tern_common::init_logging();
+    let backend = GrpcBackend::connect_lazy(&args.storage)
+        .with_context(|| format!("invalid storage endpoint {:?}", args.storage))?;
+    let listener =
+        TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    info!(storage = %args.storage, "listening on {}", listener.local_addr()?);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = serve(listener, backend, ServerOptions::default()) => result.context("serving NBD")?,
+        _ = term.recv() => info!("SIGTERM received, exiting"),
+        result = tokio::signal::ctrl_c() => {
+            result.context("waiting for SIGINT")?;
+            info!("SIGINT received, exiting");
+        }
+    }
+    Ok(())
+}

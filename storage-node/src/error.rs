@@ -1,0 +1,74 @@
+//! The storage node's errors, and their one mapping to gRPC status codes.
+
+use std::path::PathBuf;
+
+use tern_common::{InputError, VolumeId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("volume {0} not found")]
+    VolumeNotFound(String),
+    #[error("a volume named {0:?} already exists")]
+    VolumeExists(String),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("volume {volume} is read-only")]
+    ReadOnly { volume: VolumeId },
+    #[error("range [{offset}, {offset}+{len}) is outside volume {volume} of {size} bytes")]
+    OutOfRange { volume: VolumeId, offset: u64, len: u64, size: u64 },
+    #[error("request of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("shrinking volume {volume} from {from} to {to} bytes discards data; pass allow_shrink")]
+    ShrinkRefused { volume: VolumeId, from: u64, to: u64 },
+    #[error("unsupported request: {0}")]
+    Unsupported(&'static str),
+    #[error(
+        "checksum mismatch in volume {volume} at offset {offset}: stored {stored:#010x}, \
+         computed {computed:#010x}"
+    )]
+    ChecksumMismatch { volume: VolumeId, offset: u64, stored: u32, computed: u32 },
+    #[error("opening data file {path}: {source}")]
+    OpenDataFile { path: PathBuf, source: std::io::Error },
+    #[error("data file I/O on volume {volume}: {source}")]
+    DataIo { volume: VolumeId, source: std::io::Error },
+    #[error("syncing data files: {0}")]
+    Sync(std::io::Error),
+    #[error("metadata store: {0}")]
+    Meta(#[from] rocksdb::Error),
+    #[error("corrupt metadata at key {key}: {what}")]
+    CorruptMeta { key: String, what: String },
+    #[error("creating directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("volume {0} was deleted")]
+    VolumeDeleted(VolumeId),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            Error::VolumeNotFound(_) | Error::VolumeDeleted(_) => Code::NotFound,
+            Error::VolumeExists(_) => Code::AlreadyExists,
+            Error::Input(_) | Error::TooLarge { .. } | Error::Unsupported(_) => {
+                Code::InvalidArgument
+            }
+            Error::OutOfRange { .. } => Code::OutOfRange,
+            Error::ReadOnly { .. } => Code::PermissionDenied,
+            Error::ShrinkRefused { .. } => Code::FailedPrecondition,
+            Error::ChecksumMismatch { .. } | Error::CorruptMeta { .. } => Code::DataLoss,
+            Error::DataIo { source, .. } | Error::OpenDataFile { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                Code::ResourceExhausted
+            }
+            Error::OpenDataFile { .. }
+            | Error::DataIo { .. }
+            | Error::Sync(_)
+            | Error::Meta(_)
+            | Error::CreateDir { .. } => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,64 @@
+//! Tern's storage node: a chunk store serving volumes over gRPC.
+//!
+//! Volumes are split into 64 MiB chunks; each chunk has a data file of 4 KiB slots written
+//! through an [`engine::IoEngine`] (io_uring, or its synchronous twin), and a block map in
+//! RocksDB ([`meta`], key layout in [`keys`]) that says, per block, which slot holds it and its
+//! crc32c. [`store::ChunkStore`] implements the data path; [`service`] exposes it as the
+//! `BlockIo` and `VolumeAdmin` gRPC services.
+
+pub mod aligned;
+pub mod chunk;
+pub mod engine;
+pub mod error;
+pub mod keys;
+pub mod meta;
+pub mod service;
+pub mod store;
+
+pub use error::{Error, Result};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tern_proto::v1::{block_io_server::BlockIoServer, volume_admin_server::VolumeAdminServer};
+
+/// Serves the node's gRPC services on `addr` until `shutdown` resolves.
+pub async fn serve(
+    store: Arc<store::ChunkStore>,
+    addr: SocketAddr,
+    node_id: u64,
+    datacenter: String,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let _bg = store.spawn_background();
+    let svc = service::Service::new(store.clone(), node_id, datacenter);
+    let listener = tokio::net::TcpListener::bind(addr).await;
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, %e, "cannot bind");
+            std::process::exit(2);
+        }
+    };
+    tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "storage node listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let r = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_adaptive_window(Some(true))
+        .add_service(
+            BlockIoServer::new(svc.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+        .add_service(VolumeAdminServer::new(svc))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    // Whatever was acknowledged is already in the WAL; make it durable before exiting.
+    if let Err(e) = store.barrier().await {
+        tracing::error!(%e, "final barrier failed");
+    }
+    r
+}
+
+#[cfg(test)]
+mod store_tests;

@@ -1,0 +1,65 @@
+//! `tern-storage-node`: parse config, open the chunk store, serve gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use tern_storage_node::engine::EngineKind;
+use tern_storage_node::store::{ChunkStore, StoreConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Engine {
+    /// io_uring on a dedicated thread (falls back to sync where io_uring is unavailable).
+    Uring,
+    /// Positional syscalls on a thread pool.
+    Sync,
+}
+
+/// Tern storage node: holds volume chunks and serves them over gRPC.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address for the gRPC services.
+    #[arg(long, default_value = "127.0.0.1:7700", env = "TERN_LISTEN")]
+    listen: SocketAddr,
+    /// Directory for RocksDB and the data files.
+    #[arg(long, env = "TERN_DATA_DIR")]
+    data_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "uring")]
+    io_engine: Engine,
+    /// Use O_DIRECT for data files where the filesystem supports it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    direct_io: bool,
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+    /// Datacenter label of this node.
+    #[arg(long, default_value = "dc1")]
+    datacenter: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tern_common::init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let store = ChunkStore::open(StoreConfig {
+            data_dir: args.data_dir,
+            engine: match args.io_engine {
+                Engine::Uring => EngineKind::Uring,
+                Engine::Sync => EngineKind::Sync,
+            },
+            direct_io: args.direct_io,
+        })?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        tern_storage_node::serve(store, args.listen, args.node_id, args.datacenter, shutdown).await?;
+        anyhow::Ok(())
+    })
+}

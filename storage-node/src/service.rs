@@ -1,0 +1,219 @@
+//! The storage node's gRPC services: `VolumeAdmin` and `BlockIo`, thin adapters from wire
+//! types to [`ChunkStore`] calls. Errors become gRPC statuses through
+//! `From<Error> for tonic::Status` only.
+
+use std::sync::Arc;
+
+use tern_proto::v1::{self, block_io_server::BlockIo, volume_admin_server::VolumeAdmin, volume_ref};
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::meta::Entry;
+use crate::store::{ChunkStore, NewVolume, Volume};
+
+#[derive(Clone)]
+pub struct Service {
+    store: Arc<ChunkStore>,
+    node_id: u64,
+    datacenter: String,
+}
+
+impl Service {
+    pub fn new(store: Arc<ChunkStore>, node_id: u64, datacenter: String) -> Self {
+        Self { store, node_id, datacenter }
+    }
+
+    fn volume_ref(&self, r: Option<v1::VolumeRef>) -> Result<Arc<Volume>, Status> {
+        match r.and_then(|r| r.r#ref) {
+            Some(volume_ref::Ref::Id(id)) => Ok(self.store.get(id)?),
+            Some(volume_ref::Ref::Name(name)) => Ok(self.store.get_by_name(&name)?),
+            None => Err(Status::invalid_argument("no volume given (id or name)")),
+        }
+    }
+
+    fn volume_by_header(&self, h: Option<v1::IoHeader>) -> Result<Arc<Volume>, Status> {
+        let h = h.ok_or_else(|| Status::invalid_argument("missing I/O header"))?;
+        if h.epoch != 0 {
+            return Err(Error::Unsupported("reads at an epoch other than the head").into());
+        }
+        Ok(self.store.get(h.volume_id)?)
+    }
+}
+
+/// The one conversion of a volume to its wire form.
+fn to_wire(v: &Volume) -> v1::Volume {
+    let r = v.record();
+    v1::Volume {
+        id: r.id,
+        name: r.name,
+        size_bytes: r.size,
+        block_size: tern_common::BLOCK_SIZE as u32,
+        chunk_size: tern_common::CHUNK_SIZE,
+        storage_class: v1::StorageClass::Local as i32,
+        read_only: r.read_only,
+        created_at: r.created_at,
+        allocated_bytes: v.allocated_bytes(),
+        tenant: r.tenant,
+        labels: r.labels.into_iter().collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeAdmin for Service {
+    async fn create_volume(
+        &self,
+        req: Request<v1::CreateVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let r = req.into_inner();
+        match v1::StorageClass::try_from(r.storage_class) {
+            Ok(v1::StorageClass::Unspecified | v1::StorageClass::Local) => {}
+            Ok(v1::StorageClass::Replicated) => {
+                return Err(Status::invalid_argument(
+                    "storage class 'replicated' needs a cluster; this node serves 'local' only",
+                ))
+            }
+            Err(_) => return Err(Status::invalid_argument("unknown storage class")),
+        }
+        let v = self
+            .store
+            .create_volume(NewVolume {
+                name: r.name,
+                size: r.size_bytes,
+                read_only: r.read_only,
+                tenant: r.tenant,
+                labels: r.labels.into_iter().collect(),
+            })
+            .await?;
+        Ok(Response::new(to_wire(&v)))
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<v1::GetVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let v = self.volume_ref(req.into_inner().volume)?;
+        Ok(Response::new(to_wire(&v)))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<v1::ListVolumesRequest>,
+    ) -> Result<Response<v1::ListVolumesResponse>, Status> {
+        let volumes = self.store.list().iter().map(|v| to_wire(v)).collect();
+        Ok(Response::new(v1::ListVolumesResponse { volumes }))
+    }
+
+    async fn resize_volume(
+        &self,
+        req: Request<v1::ResizeVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_ref(r.volume)?;
+        self.store.resize_volume(&v, r.size_bytes, r.allow_shrink).await?;
+        Ok(Response::new(to_wire(&v)))
+    }
+
+    async fn update_volume(
+        &self,
+        req: Request<v1::UpdateVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_ref(r.volume)?;
+        if let Some(ro) = r.read_only {
+            self.store.set_read_only(&v, ro).await?;
+        }
+        Ok(Response::new(to_wire(&v)))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<v1::DeleteVolumeRequest>,
+    ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
+        let v = self.volume_ref(req.into_inner().volume)?;
+        self.store.delete_volume(&v).await?;
+        Ok(Response::new(v1::DeleteVolumeResponse {}))
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<v1::NodeStatusRequest>,
+    ) -> Result<Response<v1::NodeStatusResponse>, Status> {
+        let vols = self.store.list();
+        Ok(Response::new(v1::NodeStatusResponse {
+            node_id: self.node_id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            io_engine: self.store.engine_name().to_string(),
+            direct_io: self.store.direct_io(),
+            volumes: vols.len() as u64,
+            allocated_bytes: vols.iter().map(|v| v.allocated_bytes()).sum(),
+            checksum_errors: self.store.checksum_errors(),
+            datacenter: self.datacenter.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl BlockIo for Service {
+    async fn read(&self, req: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_by_header(r.header)?;
+        let data = self.store.read(&v, r.offset, u64::from(r.length)).await?;
+        Ok(Response::new(v1::ReadResponse { data }))
+    }
+
+    async fn write(
+        &self,
+        req: Request<v1::WriteRequest>,
+    ) -> Result<Response<v1::WriteResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_by_header(r.header)?;
+        self.store.write(&v, r.offset, r.data, r.fua).await?;
+        Ok(Response::new(v1::WriteResponse {}))
+    }
+
+    async fn write_zeroes(
+        &self,
+        req: Request<v1::WriteZeroesRequest>,
+    ) -> Result<Response<v1::WriteZeroesResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_by_header(r.header)?;
+        self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?;
+        Ok(Response::new(v1::WriteZeroesResponse {}))
+    }
+
+    async fn trim(&self, req: Request<v1::TrimRequest>) -> Result<Response<v1::TrimResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_by_header(r.header)?;
+        self.store.trim(&v, r.offset, r.length, r.fua).await?;
+        Ok(Response::new(v1::TrimResponse {}))
+    }
+
+    async fn flush(&self, req: Request<v1::FlushRequest>) -> Result<Response<v1::FlushResponse>, Status> {
+        let r = req.into_inner();
+        // The barrier covers every volume of the node: a flush on one connection covers the
+        // writes completed on all of them (NBD multi-conn).
+        let _ = self.volume_by_header(r.header)?;
+        self.store.barrier().await?;
+        Ok(Response::new(v1::FlushResponse {}))
+    }
+
+    async fn block_status(
+        &self,
+        req: Request<v1::BlockStatusRequest>,
+    ) -> Result<Response<v1::BlockStatusResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.volume_by_header(r.header)?;
+        let extents = self
+            .store
+            .block_status(&v, r.offset, r.length)
+            .await?
+            .into_iter()
+            .map(|(length, e)| v1::Extent {
+                length,
+                hole: e == Entry::Hole,
+                zero: matches!(e, Entry::Hole | Entry::Zero),
+            })
+            .collect();
+        Ok(Response::new(v1::BlockStatusResponse { extents }))
+    }
+}
