@@ -67,7 +67,12 @@ struct State {
 }
 
 impl State {
-    fn session(&self, export: ExportInfo, requested_name: &str, strict_block_size: bool) -> Session {
+    fn session(
+        &self,
+        export: ExportInfo,
+        requested_name: &str,
+        strict_block_size: bool,
+    ) -> Session {
         let base_allocation = (self.structured
             && self.meta_export.as_deref() == Some(requested_name))
         .then_some(BASE_ALLOCATION_ID);
@@ -104,7 +109,10 @@ pub(crate) fn transmission_flags(export: &ExportInfo, structured: bool) -> u16 {
 }
 
 /// Runs the handshake on `stream` until the client enters transmission or aborts.
-pub(crate) async fn negotiate<S, B>(stream: &mut S, backend: &B) -> Result<Negotiated, ConnectionError>
+pub(crate) async fn negotiate<S, B>(
+    stream: &mut S,
+    backend: &B,
+) -> Result<Negotiated, ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     B: Backend,
@@ -162,8 +170,12 @@ where
             Err(e) if header.option == NBD_OPT_EXPORT_NAME => return Err(e.into()),
             Err(e) => {
                 debug!(option = header.option, error = %e, "malformed NBD option");
-                send(stream, header.option, &OptionReply::error(NBD_REP_ERR_INVALID, e.to_string()))
-                    .await?;
+                send(
+                    stream,
+                    header.option,
+                    &OptionReply::error(NBD_REP_ERR_INVALID, e.to_string()),
+                )
+                .await?;
                 continue;
             }
         };
@@ -229,7 +241,12 @@ async fn answer<B: Backend>(
                 .map_err(ConnectionError::Lookup)?
                 .ok_or_else(|| ConnectionError::UnknownExport(name.clone()))?;
             let session = state.session(export, &name, false);
-            encode_export_name_reply(session.export.size, session.flags, state.no_zeroes, &mut r.out);
+            encode_export_name_reply(
+                session.export.size,
+                session.flags,
+                state.no_zeroes,
+                &mut r.out,
+            );
             outcome = Some(Negotiated::Transmission(session));
         }
         ClientOption::Abort => {
@@ -267,7 +284,9 @@ async fn answer<B: Backend>(
                         // NBD_INFO_EXPORT went first; unknown types are ignored (spec).
                         let reply = match info {
                             NBD_INFO_NAME => InfoReply::Name(export.name.clone()),
-                            NBD_INFO_DESCRIPTION => InfoReply::Description(export.description.clone()),
+                            NBD_INFO_DESCRIPTION => {
+                                InfoReply::Description(export.description.clone())
+                            }
                             NBD_INFO_BLOCK_SIZE => InfoReply::BlockSize {
                                 min: MIN_BLOCK_SIZE,
                                 preferred: PREFERRED_BLOCK_SIZE,
@@ -326,7 +345,10 @@ async fn answer<B: Backend>(
             }
         }
         ClientOption::Unknown(code) => {
-            r.push(OptionReply::error(NBD_REP_ERR_UNSUP, format!("option {code} is not supported")));
+            r.push(OptionReply::error(
+                NBD_REP_ERR_UNSUP,
+                format!("option {code} is not supported"),
+            ));
         }
     }
     Ok((r.out, outcome))
@@ -351,13 +373,20 @@ mod tests {
         while !buf.is_empty() {
             let h = decode_option_reply_header(buf).unwrap();
             let end = OPTION_REPLY_HEADER_LEN + h.length as usize;
-            out.push((h.option, decode_option_reply(h.reply_type, &buf[OPTION_REPLY_HEADER_LEN..end]).unwrap()));
+            out.push((
+                h.option,
+                decode_option_reply(h.reply_type, &buf[OPTION_REPLY_HEADER_LEN..end]).unwrap(),
+            ));
             buf = &buf[end..];
         }
         out
     }
 
-    async fn ask(b: &MemBackend, s: &mut State, opt: ClientOption) -> (Vec<OptionReply>, Option<Negotiated>) {
+    async fn ask(
+        b: &MemBackend,
+        s: &mut State,
+        opt: ClientOption,
+    ) -> (Vec<OptionReply>, Option<Negotiated>) {
         let code = opt.code();
         let (bytes, outcome) = answer(b, s, opt).await.unwrap();
         let r = replies(&bytes);
@@ -402,7 +431,9 @@ mod tests {
                 OptionReply::Ack,
             ]
         );
-        let Some(Negotiated::Transmission(session)) = outcome else { panic!("GO must end negotiation") };
+        let Some(Negotiated::Transmission(session)) = outcome else {
+            panic!("GO must end negotiation")
+        };
         assert!(session.strict_block_size && session.structured);
         assert_eq!(session.base_allocation, None);
         assert_ne!(session.flags & NBD_FLAG_SEND_DF, 0);
@@ -412,7 +443,8 @@ mod tests {
     async fn info_does_not_end_negotiation_and_unknown_export_is_err_unknown() {
         let b = backend();
         let mut s = State::default();
-        let info = ClientOption::Info(InfoRequest { name: "ro".into(), info: vec![NBD_INFO_DESCRIPTION] });
+        let info =
+            ClientOption::Info(InfoRequest { name: "ro".into(), info: vec![NBD_INFO_DESCRIPTION] });
         let (r, outcome) = ask(&b, &mut s, info).await;
         assert!(outcome.is_none());
         let OptionReply::Info(InfoReply::Export { flags, .. }) = r[0] else { panic!("{r:?}") };
@@ -486,7 +518,9 @@ mod tests {
 
     // Whole handshakes over an in-memory pipe.
 
-    async fn start(client_flags: u32) -> (DuplexStream, tokio::task::JoinHandle<Result<Negotiated, ConnectionError>>) {
+    async fn start(
+        client_flags: u32,
+    ) -> (DuplexStream, tokio::task::JoinHandle<Result<Negotiated, ConnectionError>>) {
         let (mut client, mut server) = tokio::io::duplex(1 << 20);
         let task = tokio::spawn(async move { negotiate(&mut server, &backend()).await });
         let mut greeting = [0u8; GREETING_LEN];
@@ -509,14 +543,17 @@ mod tests {
     async fn clients_without_fixed_newstyle_are_refused() {
         for flags in [0, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_C_FIXED_NEWSTYLE | 4] {
             let (_client, task) = start(flags).await;
-            assert!(matches!(task.await.unwrap(), Err(ConnectionError::ClientFlags(f)) if f == flags));
+            assert!(
+                matches!(task.await.unwrap(), Err(ConnectionError::ClientFlags(f)) if f == flags)
+            );
         }
     }
 
     #[tokio::test]
     async fn export_name_honours_no_zeroes() {
         for no_zeroes in [false, true] {
-            let flags = NBD_FLAG_C_FIXED_NEWSTYLE | if no_zeroes { NBD_FLAG_C_NO_ZEROES } else { 0 };
+            let flags =
+                NBD_FLAG_C_FIXED_NEWSTYLE | if no_zeroes { NBD_FLAG_C_NO_ZEROES } else { 0 };
             let (mut client, task) = start(flags).await;
             let mut opt = Vec::new();
             encode_option(&ClientOption::ExportName("vol".into()), &mut opt);
@@ -537,7 +574,9 @@ mod tests {
         let mut opt = Vec::new();
         encode_option(&ClientOption::ExportName("nope".into()), &mut opt);
         client.write_all(&opt).await.unwrap();
-        assert!(matches!(task.await.unwrap(), Err(ConnectionError::UnknownExport(n)) if n == "nope"));
+        assert!(
+            matches!(task.await.unwrap(), Err(ConnectionError::UnknownExport(n)) if n == "nope")
+        );
     }
 
     #[tokio::test]
@@ -564,7 +603,10 @@ mod tests {
         assert_eq!(o, NBD_OPT_LIST);
         assert!(matches!(r, OptionReply::Error { code: NBD_REP_ERR_INVALID, .. }));
         assert_eq!(read_reply(&mut client).await, (NBD_OPT_STRUCTURED_REPLY, OptionReply::Ack));
-        assert!(matches!(read_reply(&mut client).await.1, OptionReply::Info(InfoReply::Export { .. })));
+        assert!(matches!(
+            read_reply(&mut client).await.1,
+            OptionReply::Info(InfoReply::Export { .. })
+        ));
         assert_eq!(read_reply(&mut client).await, (NBD_OPT_GO, OptionReply::Ack));
         let Negotiated::Transmission(session) = task.await.unwrap().unwrap() else { panic!() };
         assert!(session.structured);
@@ -582,6 +624,9 @@ mod tests {
 
         let (mut client, task) = start(NBD_FLAG_C_FIXED_NEWSTYLE).await;
         client.write_all(&[0u8; OPTION_HEADER_LEN]).await.unwrap();
-        assert!(matches!(task.await.unwrap(), Err(ConnectionError::Malformed(CodecError::BadMagic { .. }))));
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(ConnectionError::Malformed(CodecError::BadMagic { .. }))
+        ));
     }
 }

@@ -108,7 +108,12 @@ pub async fn serve<B: Backend>(
 }
 
 /// One connection, start to end; logs how it ended.
-async fn connection<B: Backend>(stream: TcpStream, peer: SocketAddr, backend: B, opts: ServerOptions) {
+async fn connection<B: Backend>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    backend: B,
+    opts: ServerOptions,
+) {
     debug!(%peer, "NBD connection accepted");
     match run_connection(stream, &backend, &opts).await {
         Ok(()) => debug!(%peer, "NBD connection closed"),

@@ -124,19 +124,19 @@ fn validate(req: &RequestHeader, data: Bytes, s: &Session) -> Result<Op, Rejecti
         // The tail of an export whose size is not a multiple of 512 stays reachable.
         let tail = end == Some(size);
         if offset % min != 0 || (u64::from(len) % min != 0 && !tail) {
-            return Err(reject(errno::EINVAL, format!("{len} bytes at {offset} not {min}-aligned")));
+            return Err(reject(
+                errno::EINVAL,
+                format!("{len} bytes at {offset} not {min}-aligned"),
+            ));
         }
     }
     Ok(match req.command {
         Command::Read => Op::Read { offset, len },
         Command::Write => Op::Write { offset, data, fua },
         Command::Trim => Op::Trim { offset, len, fua },
-        Command::WriteZeroes => Op::WriteZeroes {
-            offset,
-            len,
-            punch_hole: req.flags & NBD_CMD_FLAG_NO_HOLE == 0,
-            fua,
-        },
+        Command::WriteZeroes => {
+            Op::WriteZeroes { offset, len, punch_hole: req.flags & NBD_CMD_FLAG_NO_HOLE == 0, fua }
+        }
         _ => Op::BlockStatus {
             offset,
             len,
@@ -204,7 +204,8 @@ fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<BlockDescript
         if n == 0 {
             continue;
         }
-        let flags = if e.hole { NBD_STATE_HOLE } else { 0 } | if e.zero { NBD_STATE_ZERO } else { 0 };
+        let flags =
+            if e.hole { NBD_STATE_HOLE } else { 0 } | if e.zero { NBD_STATE_ZERO } else { 0 };
         match out.last_mut() {
             Some(d) if d.flags == flags => d.length += n,
             _ => out.push(BlockDescriptor { length: n, flags }),
@@ -245,15 +246,13 @@ impl Credit {
         let bytes = match req.command {
             // Oversized reads are refused without reading anything; oversized writes close
             // the connection before this.
-            Command::Read | Command::Write if u64::from(req.length) <= MAX_IO_SIZE => {
-                Some(
-                    self.bytes
-                        .clone()
-                        .acquire_many_owned(req.length)
-                        .await
-                        .expect("byte semaphore is never closed"),
-                )
-            }
+            Command::Read | Command::Write if u64::from(req.length) <= MAX_IO_SIZE => Some(
+                self.bytes
+                    .clone()
+                    .acquire_many_owned(req.length)
+                    .await
+                    .expect("byte semaphore is never closed"),
+            ),
             _ => None,
         };
         Permit { _request: request, _bytes: bytes }
@@ -388,8 +387,13 @@ where
                 ));
             }
             Err(rejection) => {
-                debug!(?req, errno = rejection.errno, reason = %rejection.message, "NBD request refused");
-                if tx.send(error_reply(session.structured, req.cookie, rejection, permit)).await.is_err() {
+                let (errno, reason) = (rejection.errno, &rejection.message);
+                debug!(?req, errno, %reason, "NBD request refused");
+                if tx
+                    .send(error_reply(session.structured, req.cookie, rejection, permit))
+                    .await
+                    .is_err()
+                {
                     // The writer failed; `run` reports its error.
                     return Ok(());
                 }
@@ -570,7 +574,12 @@ mod tests {
         let with = session(false, true, false);
         assert_eq!(
             validate(&req(Command::BlockStatus, NBD_CMD_FLAG_REQ_ONE, 0, 512), Bytes::new(), &with),
-            Ok(Op::BlockStatus { offset: 0, len: 512, req_one: true, context_id: BASE_ALLOCATION_ID })
+            Ok(Op::BlockStatus {
+                offset: 0,
+                len: 512,
+                req_one: true,
+                context_id: BASE_ALLOCATION_ID
+            })
         );
     }
 
@@ -591,7 +600,8 @@ mod tests {
         let e = |length, hole| Extent { length, hole, zero: hole };
         let d = |length, flags| BlockDescriptor { length, flags };
         let both = NBD_STATE_HOLE | NBD_STATE_ZERO;
-        let extents = [e(4096, false), e(0, true), e(4096, false), e(8192, true), e(1 << 40, false)];
+        let extents =
+            [e(4096, false), e(0, true), e(4096, false), e(8192, true), e(1 << 40, false)];
         assert_eq!(descriptors(&extents, 10_000, false), vec![d(8192, 0), d(1808, both)]);
         assert_eq!(descriptors(&extents, 10_000, true), vec![d(8192, 0)]);
         assert_eq!(
@@ -631,11 +641,24 @@ mod tests {
             self.pause(offset).await;
             self.inner.read(v, offset, len).await
         }
-        async fn write(&self, v: u64, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
+        async fn write(
+            &self,
+            v: u64,
+            offset: u64,
+            data: Bytes,
+            fua: bool,
+        ) -> Result<(), BackendError> {
             self.pause(offset).await;
             self.inner.write(v, offset, data, fua).await
         }
-        async fn write_zeroes(&self, v: u64, o: u64, l: u64, p: bool, f: bool) -> Result<(), BackendError> {
+        async fn write_zeroes(
+            &self,
+            v: u64,
+            o: u64,
+            l: u64,
+            p: bool,
+            f: bool,
+        ) -> Result<(), BackendError> {
             self.inner.write_zeroes(v, o, l, p, f).await
         }
         async fn trim(&self, v: u64, o: u64, l: u64, f: bool) -> Result<(), BackendError> {
@@ -657,13 +680,19 @@ mod tests {
 
     fn request(command: Command, cookie: u64, offset: u64, length: u32, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_request_header(&RequestHeader { flags: 0, command, cookie, offset, length }, &mut out);
+        encode_request_header(
+            &RequestHeader { flags: 0, command, cookie, offset, length },
+            &mut out,
+        );
         out.extend_from_slice(data);
         out
     }
 
     /// Reads one simple reply (with `data_len` bytes of data if it succeeded).
-    async fn simple(client: &mut tokio::io::DuplexStream, data_len: usize) -> (SimpleReply, Vec<u8>) {
+    async fn simple(
+        client: &mut tokio::io::DuplexStream,
+        data_len: usize,
+    ) -> (SimpleReply, Vec<u8>) {
         let mut h = [0u8; SIMPLE_REPLY_HEADER_LEN];
         client.read_exact(&mut h).await.unwrap();
         let h = decode_simple_reply(&h).unwrap();
@@ -678,7 +707,8 @@ mod tests {
     ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<Result<(), ConnectionError>>) {
         let (client, server) = tokio::io::duplex(1 << 20);
         let (r, w) = tokio::io::split(server);
-        let task = tokio::spawn(async move { run(r, w, backend, s, &ServerOptions::default()).await });
+        let task =
+            tokio::spawn(async move { run(r, w, backend, s, &ServerOptions::default()).await });
         (client, task)
     }
 
@@ -710,7 +740,10 @@ mod tests {
         client.write_all(&msgs).await.unwrap();
         let mut replies = vec![simple(&mut client, 512).await.0, simple(&mut client, 512).await.0];
         replies.sort_by_key(|r| r.cookie);
-        assert_eq!(replies, vec![SimpleReply { error: 5, cookie: 1 }, SimpleReply { error: 0, cookie: 2 }]);
+        assert_eq!(
+            replies,
+            vec![SimpleReply { error: 5, cookie: 1 }, SimpleReply { error: 0, cookie: 2 }]
+        );
         drop(client);
         assert!(task.await.unwrap().is_ok());
     }
@@ -738,7 +771,10 @@ mod tests {
         msgs.extend(request(Command::Read, 2, 0, 16, &[]));
         client.write_all(&msgs).await.unwrap();
         assert_eq!(simple(&mut client, 0).await.0, SimpleReply { error: errno::EPERM, cookie: 1 });
-        assert_eq!(simple(&mut client, 16).await, (SimpleReply { error: 0, cookie: 2 }, vec![0; 16]));
+        assert_eq!(
+            simple(&mut client, 16).await,
+            (SimpleReply { error: 0, cookie: 2 }, vec![0; 16])
+        );
         drop(client);
         assert!(task.await.unwrap().is_ok());
     }
