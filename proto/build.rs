@@ -6,8 +6,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["."])?;
-    tonic_prost_build::configure()
-        .bytes(".tern.v1")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".tern.v1").compile_fds(fds)?;
     Ok(())
 }

@@ -173,12 +173,7 @@ mod mem {
 
     impl Backend for MemBackend {
         async fn lookup(&self, name: &str) -> Result<Option<ExportInfo>, BackendError> {
-            Ok(self
-                .vols
-                .lock()
-                .values()
-                .filter_map(|v| v.info.clone())
-                .find(|i| i.name == name))
+            Ok(self.vols.lock().values().filter_map(|v| v.info.clone()).find(|i| i.name == name))
         }
 
         async fn list(&self) -> Result<Vec<ExportInfo>, BackendError> {

@@ -1095,13 +1095,18 @@ mod tests {
         }
 
         #[test]
-        fn reply_chunk_round_trip(flags in any::<u16>(), cookie in any::<u64>(), chunk in reply_chunk()) {
+        fn reply_chunk_round_trip(
+            flags in any::<u16>(),
+            cookie in any::<u64>(),
+            chunk in reply_chunk(),
+        ) {
             let mut buf = Vec::new();
             encode_reply_chunk(flags, cookie, &chunk, &mut buf);
             let h = decode_structured_reply_header(&buf).unwrap();
             prop_assert_eq!((h.flags, h.chunk_type, h.cookie), (flags, chunk.chunk_type(), cookie));
             prop_assert_eq!(h.length as usize, buf.len() - STRUCTURED_REPLY_HEADER_LEN);
-            let back = decode_reply_chunk(h.chunk_type, &buf[STRUCTURED_REPLY_HEADER_LEN..]).unwrap();
+            let payload = &buf[STRUCTURED_REPLY_HEADER_LEN..];
+            let back = decode_reply_chunk(h.chunk_type, payload).unwrap();
             prop_assert_eq!(back, chunk);
         }
 
@@ -1169,12 +1174,17 @@ mod tests {
         /// Structured inputs reach deeper than random bytes: a valid option with its payload
         /// cut short or extended must be rejected, not misparsed.
         #[test]
-        fn option_with_wrong_length_is_rejected(opt in client_option(), cut in 1usize..8, extra in 1usize..8) {
+        fn option_with_wrong_length_is_rejected(
+            opt in client_option(),
+            cut in 1usize..8,
+            extra in 1usize..8,
+        ) {
             let mut buf = Vec::new();
             encode_option(&opt, &mut buf);
             let payload = &buf[OPTION_HEADER_LEN..];
             let code = opt.code();
-            let exact_length_matters = !matches!(opt, ClientOption::ExportName(_) | ClientOption::Unknown(_));
+            let exact_length_matters =
+                !matches!(opt, ClientOption::ExportName(_) | ClientOption::Unknown(_));
             if exact_length_matters {
                 let mut longer = payload.to_vec();
                 longer.extend(std::iter::repeat_n(0u8, extra));

@@ -129,8 +129,13 @@ impl Backend for GrpcBackend {
         punch_hole: bool,
         fua: bool,
     ) -> Result<(), BackendError> {
-        let req =
-            v1::WriteZeroesRequest { header: header(volume_id), offset, length: len, punch_hole, fua };
+        let req = v1::WriteZeroesRequest {
+            header: header(volume_id),
+            offset,
+            length: len,
+            punch_hole,
+            fua,
+        };
         self.io().write_zeroes(req).await.map_err(map_status)?;
         Ok(())
     }
@@ -148,7 +153,10 @@ impl Backend for GrpcBackend {
     }
 
     async fn flush(&self, volume_id: u64) -> Result<(), BackendError> {
-        self.io().flush(v1::FlushRequest { header: header(volume_id) }).await.map_err(map_status)?;
+        self.io()
+            .flush(v1::FlushRequest { header: header(volume_id) })
+            .await
+            .map_err(map_status)?;
         Ok(())
     }
 
@@ -160,8 +168,7 @@ impl Backend for GrpcBackend {
     ) -> Result<Vec<Extent>, BackendError> {
         let req = v1::BlockStatusRequest { header: header(volume_id), offset, length: len };
         let r = self.io().block_status(req).await.map_err(map_status)?;
-        Ok(r
-            .into_inner()
+        Ok(r.into_inner()
             .extents
             .into_iter()
             .map(|e| Extent { length: e.length, hole: e.hole, zero: e.zero })

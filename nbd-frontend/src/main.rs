@@ -33,7 +33,9 @@ async fn main() -> anyhow::Result<()> {
     info!(storage = %args.storage, "listening on {}", listener.local_addr()?);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
-        result = serve(listener, backend, ServerOptions::default()) => result.context("serving NBD")?,
+        result = serve(listener, backend, ServerOptions::default()) => {
+            result.context("serving NBD")?;
+        }
         _ = term.recv() => info!("SIGTERM received, exiting"),
         result = tokio::signal::ctrl_c() => {
             result.context("waiting for SIGINT")?;

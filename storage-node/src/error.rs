@@ -18,7 +18,9 @@ pub enum Error {
     OutOfRange { volume: VolumeId, offset: u64, len: u64, size: u64 },
     #[error("request of {len} bytes exceeds the maximum of {max}")]
     TooLarge { len: u64, max: u64 },
-    #[error("shrinking volume {volume} from {from} to {to} bytes discards data; pass allow_shrink")]
+    #[error(
+        "shrinking volume {volume} from {from} to {to} bytes discards data; pass allow_shrink"
+    )]
     ShrinkRefused { volume: VolumeId, from: u64, to: u64 },
     #[error("unsupported request: {0}")]
     Unsupported(&'static str),

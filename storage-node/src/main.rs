@@ -51,15 +51,17 @@ fn main() -> anyhow::Result<()> {
             direct_io: args.direct_io,
         })?;
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down");
         };
-        tern_storage_node::serve(store, args.listen, args.node_id, args.datacenter, shutdown).await?;
+        tern_storage_node::serve(store, args.listen, args.node_id, args.datacenter, shutdown)
+            .await?;
         anyhow::Ok(())
     })
 }

@@ -187,7 +187,8 @@ impl MetaStore {
         ro.set_iterate_upper_bound(vec![keys::PREFIX_BLOCK + 1]);
         for item in self.db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro) {
             let (k, v) = item?;
-            if let (Some(key), Some(Entry::Data { .. })) = (keys::parse_block_key(&k), Entry::decode(&v))
+            if let (Some(key), Some(Entry::Data { .. })) =
+                (keys::parse_block_key(&k), Entry::decode(&v))
             {
                 *out.entry(key.volume).or_insert(0) += 1;
             }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use tern_proto::v1::{self, block_io_server::BlockIo, volume_admin_server::VolumeAdmin, volume_ref};
+use tern_proto::v1::{
+    self, block_io_server::BlockIo, volume_admin_server::VolumeAdmin, volume_ref,
+};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -154,7 +156,10 @@ impl VolumeAdmin for Service {
 
 #[tonic::async_trait]
 impl BlockIo for Service {
-    async fn read(&self, req: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
+    async fn read(
+        &self,
+        req: Request<v1::ReadRequest>,
+    ) -> Result<Response<v1::ReadResponse>, Status> {
         let r = req.into_inner();
         let v = self.volume_by_header(r.header)?;
         let data = self.store.read(&v, r.offset, u64::from(r.length)).await?;
@@ -181,14 +186,20 @@ impl BlockIo for Service {
         Ok(Response::new(v1::WriteZeroesResponse {}))
     }
 
-    async fn trim(&self, req: Request<v1::TrimRequest>) -> Result<Response<v1::TrimResponse>, Status> {
+    async fn trim(
+        &self,
+        req: Request<v1::TrimRequest>,
+    ) -> Result<Response<v1::TrimResponse>, Status> {
         let r = req.into_inner();
         let v = self.volume_by_header(r.header)?;
         self.store.trim(&v, r.offset, r.length, r.fua).await?;
         Ok(Response::new(v1::TrimResponse {}))
     }
 
-    async fn flush(&self, req: Request<v1::FlushRequest>) -> Result<Response<v1::FlushResponse>, Status> {
+    async fn flush(
+        &self,
+        req: Request<v1::FlushRequest>,
+    ) -> Result<Response<v1::FlushResponse>, Status> {
         let r = req.into_inner();
         // The barrier covers every volume of the node: a flush on one connection covers the
         // writes completed on all of them (NBD multi-conn).

@@ -105,9 +105,7 @@ pub struct ChunkStore {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -288,7 +286,12 @@ impl ChunkStore {
     }
 
     /// Grows a volume, or shrinks it (discarding the data past the new end) if allowed.
-    pub async fn resize_volume(&self, v: &Arc<Volume>, size: u64, allow_shrink: bool) -> Result<()> {
+    pub async fn resize_volume(
+        &self,
+        v: &Arc<Volume>,
+        size: u64,
+        allow_shrink: bool,
+    ) -> Result<()> {
         validate_volume_size(size)?;
         let _admin = self.admin.lock().await;
         let gate = v.gate.write().await;
@@ -462,10 +465,18 @@ impl ChunkStore {
                     self.checksum_errors.fetch_add(1, Ordering::Relaxed);
                     let at = v_offset(&c, first + i as u32);
                     tracing::error!(
-                        volume = v.id.0, offset = at, stored, computed,
+                        volume = v.id.0,
+                        offset = at,
+                        stored,
+                        computed,
                         "checksum mismatch: failing the read"
                     );
-                    return Err(Error::ChecksumMismatch { volume: v.id, offset: at, stored, computed });
+                    return Err(Error::ChecksumMismatch {
+                        volume: v.id,
+                        offset: at,
+                        stored,
+                        computed,
+                    });
                 }
             }
         }
@@ -493,9 +504,14 @@ impl ChunkStore {
             }
         }
         let reads = runs.iter().map(|&(slot, _, n)| {
-            self.engine.read_at(c.file.clone(), AlignedBuf::zeroed(n * BS as usize), slot as u64 * BS)
+            self.engine.read_at(
+                c.file.clone(),
+                AlignedBuf::zeroed(n * BS as usize),
+                slot as u64 * BS,
+            )
         });
-        let bufs = try_join_all(reads).await.map_err(|source| Error::DataIo { volume: v.id, source })?;
+        let bufs =
+            try_join_all(reads).await.map_err(|source| Error::DataIo { volume: v.id, source })?;
         for ((_, start, _), buf) in runs.iter().zip(bufs) {
             let o = start * BS as usize;
             out[o..o + buf.len()].copy_from_slice(&buf);
@@ -545,8 +561,7 @@ impl ChunkStore {
         }
         if in_chunk < full_start {
             let s = &src[..(full_start - in_chunk) as usize];
-            self.rmw_block(v, &c, (in_chunk / BS) as u32, (in_chunk % BS) as usize, s)
-                .await?;
+            self.rmw_block(v, &c, (in_chunk / BS) as u32, (in_chunk % BS) as usize, s).await?;
         }
         let mid = &src[(full_start - in_chunk) as usize..(full_end - in_chunk) as usize];
         self.write_full_blocks(v, &c, (full_start / BS) as u32, mid).await?;
@@ -558,7 +573,13 @@ impl ChunkStore {
     }
 
     /// Redirect-on-write of whole blocks: data to fresh slots, then one metadata commit.
-    async fn write_full_blocks(&self, v: &Volume, c: &Arc<Chunk>, first: u32, src: &[u8]) -> Result<()> {
+    async fn write_full_blocks(
+        &self,
+        v: &Volume,
+        c: &Arc<Chunk>,
+        first: u32,
+        src: &[u8],
+    ) -> Result<()> {
         let n = src.len() / BS as usize;
         let block = |i: usize| &src[i * BS as usize..(i + 1) * BS as usize];
         let zero: Vec<bool> = (0..n).map(|i| is_zero(block(i))).collect();
@@ -580,7 +601,8 @@ impl ChunkStore {
         let writes = runs.iter().map(|&(slot, start, count)| {
             let mut buf = AlignedBuf::zeroed(count * BS as usize);
             for k in 0..count {
-                buf[k * BS as usize..(k + 1) * BS as usize].copy_from_slice(block(data_idx[start + k]));
+                buf[k * BS as usize..(k + 1) * BS as usize]
+                    .copy_from_slice(block(data_idx[start + k]));
             }
             self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
         });
@@ -624,7 +646,12 @@ impl ChunkStore {
                     }
                     self.checksum_errors.fetch_add(1, Ordering::Relaxed);
                     let offset = v_offset(c, block);
-                    return Err(Error::ChecksumMismatch { volume: v.id, offset, stored: crc, computed: got });
+                    return Err(Error::ChecksumMismatch {
+                        volume: v.id,
+                        offset,
+                        stored: crc,
+                        computed: got,
+                    });
                 }
             }
             merged[within..within + bytes.len()].copy_from_slice(bytes);
@@ -633,7 +660,9 @@ impl ChunkStore {
             } else {
                 let slots = c.alloc(1);
                 let buf = AlignedBuf::from_slice(&merged);
-                if let Err(source) = self.engine.write_at(c.file.clone(), buf, slots[0] as u64 * BS).await {
+                if let Err(source) =
+                    self.engine.write_at(c.file.clone(), buf, slots[0] as u64 * BS).await
+                {
                     c.unalloc(&slots);
                     return Err(Error::DataIo { volume: v.id, source });
                 }
@@ -655,7 +684,14 @@ impl ChunkStore {
 
     /// Zeroes `[offset, offset + len)`. Whole blocks become holes (`punch`) or zero entries;
     /// partial edges are read-modify-written with zeros.
-    pub async fn write_zeroes(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<()> {
+    pub async fn write_zeroes(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    ) -> Result<()> {
         let gate = self.admit(v, offset, len, true).await?;
         let mut pos = offset;
         let end = offset + len;
@@ -691,7 +727,14 @@ impl ChunkStore {
     }
 
     /// Zeroes within one chunk. `whole_only` skips partial edge blocks.
-    async fn zero_segment(&self, v: &Volume, offset: u64, len: u64, punch: bool, whole_only: bool) -> Result<()> {
+    async fn zero_segment(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        whole_only: bool,
+    ) -> Result<()> {
         let c = self.chunk(v, (offset / CHUNK_SIZE) as u32).await?;
         let in_chunk = offset % CHUNK_SIZE;
         let end = in_chunk + len;
@@ -741,7 +784,12 @@ impl ChunkStore {
     }
 
     /// Allocation state of `[offset, offset + len)`, merged into extents.
-    pub async fn block_status(&self, v: &Volume, offset: u64, len: u64) -> Result<Vec<(u64, Entry)>> {
+    pub async fn block_status(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, Entry)>> {
         let _gate = self.admit(v, offset, len, false).await?;
         let mut out: Vec<(u64, Entry)> = Vec::new();
         let mut pos = offset;
@@ -805,7 +853,8 @@ impl ChunkStore {
             let mut sorted = slots.clone();
             sorted.sort_unstable();
             for (slot, _, n) in slot_runs(&sorted) {
-                let r = self.engine.punch_hole(c.file.clone(), slot as u64 * BS, n as u64 * BS).await;
+                let r =
+                    self.engine.punch_hole(c.file.clone(), slot as u64 * BS, n as u64 * BS).await;
                 if let Err(e) = r {
                     tracing::warn!(%e, "punching freed slots failed; space stays allocated");
                 }
@@ -813,7 +862,8 @@ impl ChunkStore {
             c.release(&slots);
             released += slots.len() as u64;
         }
-        self.pending_slots.fetch_sub(released.min(self.pending_slots.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.pending_slots
+            .fetch_sub(released.min(self.pending_slots.load(Ordering::Relaxed)), Ordering::Relaxed);
         Ok(())
     }
 }

@@ -21,7 +21,9 @@ async fn vol(s: &ChunkStore, name: &str, size: u64) -> Arc<Volume> {
 }
 
 fn pattern(len: usize, seed: u8) -> Bytes {
-    Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect::<Vec<u8>>())
+    Bytes::from(
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect::<Vec<u8>>(),
+    )
 }
 
 async fn suite(engine: EngineKind) {

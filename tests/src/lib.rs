@@ -242,7 +242,12 @@ impl Deployment {
 
     pub fn must_python(&self, secs: u64, script: &str, args: &[&str]) -> String {
         let o = self.python(secs, script, args);
-        assert!(o.status.success(), "python script failed\n{script}\n{}\n{}", text(&o), self.logs());
+        assert!(
+            o.status.success(),
+            "python script failed\n{script}\n{}\n{}",
+            text(&o),
+            self.logs()
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 }

@@ -12,19 +12,33 @@ fn qemu_io_patterns_zeroes_and_discard() {
         60,
         "qemu-io",
         &[
-            "-f", "raw", &uri,
-            "-c", "write -P 0xab 0 1M",
-            "-c", "read -P 0xab 0 1M",
-            "-c", "write -P 0x11 1M 4k",
-            "-c", "write -P 0x22 1052672 512",
-            "-c", "read -P 0x11 1M 4k",
-            "-c", "write -z 2M 1M",
-            "-c", "read -P 0 2M 1M",
-            "-c", "write -P 0xcd 3M 1M",
-            "-c", "discard 3M 1M",
-            "-c", "read -P 0 3M 1M",
-            "-c", "flush",
-            "-c", "read -P 0xab 0 1M",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "write -P 0x11 1M 4k",
+            "-c",
+            "write -P 0x22 1052672 512",
+            "-c",
+            "read -P 0x11 1M 4k",
+            "-c",
+            "write -z 2M 1M",
+            "-c",
+            "read -P 0 2M 1M",
+            "-c",
+            "write -P 0xcd 3M 1M",
+            "-c",
+            "discard 3M 1M",
+            "-c",
+            "read -P 0 3M 1M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0xab 0 1M",
         ],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
@@ -54,7 +68,11 @@ fn qemu_img_convert_and_compare_round_trip() {
     assert!(out.contains("Images are identical"), "{out}");
     // Back out to a file, byte for byte.
     let back = d.dir.path().join("back.raw");
-    d.must_run(120, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, back.to_str().unwrap()]);
+    d.must_run(
+        120,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, back.to_str().unwrap()],
+    );
     assert!(std::fs::read(&back).unwrap() == data, "converted image differs");
     // The comparison can fail: change one byte of the source.
     data[(20 << 20) + 5] ^= 0x5a;
@@ -78,14 +96,24 @@ fn nbdinfo_plain_list_and_map_shows_trimmed_hole() {
     assert!(list.contains("alpha") && list.contains("beta"), "{list}");
 
     // Fill 4 MiB, trim the middle 1 MiB: the map shows data, hole, data.
-    d.must_run(60, "qemu-io", &["-f", "raw", &d.uri("alpha"), "-c", "write -P 0x5a 0 4M", "-c", "discard 1M 1M"]);
+    d.must_run(
+        60,
+        "qemu-io",
+        &["-f", "raw", &d.uri("alpha"), "-c", "write -P 0x5a 0 4M", "-c", "discard 1M 1M"],
+    );
     let map = d.must_run(30, "nbdinfo", &["--map", "--json", &d.uri("alpha")]);
     let v: serde_json::Value = serde_json::from_str(&map).unwrap_or_else(|e| panic!("{e}: {map}"));
     let extents: Vec<(u64, u64, u64)> = v
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let mib = 1u64 << 20;
     assert_eq!(extents[0], (0, mib, 0), "data first: {extents:?}");
@@ -117,15 +145,27 @@ fn fio_nbd_engine_verifies_crc32c() {
             300,
             "fio",
             &[
-                "--name=verify", "--ioengine=nbd", &uri, &format!("--rw={rw}"), "--bs=4k",
-                "--iodepth=16", "--size=64M", "--verify=crc32c", "--verify_fatal=1",
-                "--do_verify=1", "--output-format=json",
+                "--name=verify",
+                "--ioengine=nbd",
+                &uri,
+                &format!("--rw={rw}"),
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=64M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+                "--output-format=json",
             ],
         );
         let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
         let job = &v["jobs"][0];
         assert_eq!(job["error"].as_i64(), Some(0), "{out}");
-        assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 64 << 20, "fio verified nothing: {out}");
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap() >= 64 << 20,
+            "fio verified nothing: {out}"
+        );
     }
 }
 
@@ -267,7 +307,8 @@ fn ext4_through_nbdfuse_and_loop_is_clean() {
     };
     let (ok, out) = sh(&format!("losetup -f --show {}", dev.display()));
     assert!(ok, "{out}");
-    let lo = out.lines().find(|l| l.starts_with("/dev/loop")).expect("loop device").trim().to_string();
+    let lo =
+        out.lines().find(|l| l.starts_with("/dev/loop")).expect("loop device").trim().to_string();
     let cleanup = |lo: &str| {
         let _ = sh(&format!("umount {} 2>/dev/null; losetup -d {lo}", fsdir.display()));
     };

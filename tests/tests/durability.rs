@@ -109,8 +109,12 @@ fn kill9_round(engine: &str) {
     d.kill9_node();
     d.kill9_frontend();
     let _ = w.wait();
-    let acked = std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.starts_with('A')).count();
-    assert!(acked > 100, "too few unflushed writes before the kill ({acked}) for a meaningful test");
+    let acked =
+        std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.starts_with('A')).count();
+    assert!(
+        acked > 100,
+        "too few unflushed writes before the kill ({acked}) for a meaningful test"
+    );
     d.start_node();
     d.start_frontend();
     let out = d.python(120, CHECKER, &[&uri, log.to_str().unwrap()]);

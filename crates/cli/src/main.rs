@@ -154,7 +154,8 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<0$}", w[i])).collect();
+        let s: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<0$}", w[i])).collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|s| s.to_string()).collect());
@@ -201,10 +202,10 @@ async fn connect(endpoint: &str) -> Result<VolumeAdminClient<Channel>, Fail> {
     let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| Fail::usage(format!("bad endpoint {endpoint:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(3));
-    let ch = ep.connect().await.map_err(|e| Fail {
-        code: 5,
-        msg: format!("cannot reach {endpoint}: {e}"),
-    })?;
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| Fail { code: 5, msg: format!("cannot reach {endpoint}: {e}") })?;
     Ok(VolumeAdminClient::new(ch))
 }
 

@@ -10,9 +10,7 @@ use crate::aligned::AlignedBuf;
 
 pub struct SyncEngine;
 
-fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> IoFuture<T> {
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> IoFuture<T> {
     Box::pin(async move {
         tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(e.to_string()))?
     })
@@ -23,7 +21,12 @@ impl IoEngine for SyncEngine {
         "sync"
     }
 
-    fn read_at(&self, file: Arc<DataFile>, mut buf: AlignedBuf, offset: u64) -> IoFuture<AlignedBuf> {
+    fn read_at(
+        &self,
+        file: Arc<DataFile>,
+        mut buf: AlignedBuf,
+        offset: u64,
+    ) -> IoFuture<AlignedBuf> {
         blocking(move || {
             let mut done = 0;
             while done < buf.len() {

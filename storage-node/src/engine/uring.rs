@@ -85,9 +85,7 @@ impl UringEngine {
     ) -> IoFuture<Option<AlignedBuf>> {
         let (done, rx) = oneshot::channel();
         self.submit(Op { kind, file, buf, offset, done });
-        Box::pin(async move {
-            rx.await.map_err(|_| io::Error::other("io_uring engine stopped"))?
-        })
+        Box::pin(async move { rx.await.map_err(|_| io::Error::other("io_uring engine stopped"))? })
     }
 }
 
@@ -206,7 +204,8 @@ fn run(mut ring: IoUring, rx: mpsc::Receiver<Msg>, kick_fd: Arc<OwnedFd>, cap: u
                 return;
             }
         }
-        let cqes: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let cqes: Vec<(u64, i32)> =
+            ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (tag, res) in cqes {
             if tag == KICK_TAG {
                 kick_armed = false;
