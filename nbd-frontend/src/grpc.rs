@@ -32,7 +32,8 @@ impl GrpcBackend {
         let ep = Endpoint::from_shared(endpoint.to_string())?
             .tcp_nodelay(true)
             .connect_timeout(std::time::Duration::from_secs(3))
-            .http2_adaptive_window(true);
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20);
         let io = (0..DATA_CONNECTIONS)
             .map(|_| {
                 BlockIoClient::new(ep.connect_lazy())

@@ -20,11 +20,21 @@ struct Args {
     /// gRPC endpoint of the storage node.
     #[arg(long, env = "TERN_STORAGE", default_value = "http://127.0.0.1:7700")]
     storage: String,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long, env = "TERN_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(n.max(1));
+    }
+    rt.enable_all().build().context("starting the tokio runtime")?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     tern_common::init_logging();
     let backend = GrpcBackend::connect_lazy(&args.storage)
         .with_context(|| format!("invalid storage endpoint {:?}", args.storage))?;

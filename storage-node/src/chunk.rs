@@ -28,8 +28,12 @@ pub struct SlotAlloc {
     free: BTreeSet<u32>,
     /// Slots at or above this have never been used.
     hwm: u32,
-    /// Freed by a committed update, reusable after the next barrier.
+    /// Freed by a committed overwrite, reusable after the next barrier (no punch: the next
+    /// writes take them again).
     pending: Vec<u32>,
+    /// Freed by trim or zeroing: punched at the next barrier (space goes back to the
+    /// filesystem), then reusable.
+    pending_punch: Vec<u32>,
 }
 
 impl SlotAlloc {
@@ -38,7 +42,7 @@ impl SlotAlloc {
         let used: BTreeSet<u32> = used.collect();
         let hwm = used.last().map_or(0, |&s| s + 1);
         let free = (0..hwm).filter(|s| !used.contains(s)).collect();
-        Self { free, hwm, pending: Vec::new() }
+        Self { free, hwm, pending: Vec::new(), pending_punch: Vec::new() }
     }
 
     /// `n` slots, lowest free first, then fresh ones: consecutive blocks of one write land in
@@ -157,7 +161,11 @@ impl Chunk {
         for &(b, new) in updates {
             let old = std::mem::replace(&mut st.map[b as usize], new);
             if let Entry::Data { slot, .. } = old {
-                st.alloc.pending.push(slot);
+                if matches!(new, Entry::Data { .. }) {
+                    st.alloc.pending.push(slot);
+                } else {
+                    st.alloc.pending_punch.push(slot);
+                }
                 freed += 1;
                 delta -= 1;
             }
@@ -168,10 +176,11 @@ impl Chunk {
         Ok(Committed { applied: true, data_delta: delta, freed })
     }
 
-    /// Takes the pending slots: the caller's barrier syncs metadata, punches them and then
-    /// hands them back with [`Self::release`].
-    pub fn take_pending(&self) -> Vec<u32> {
-        std::mem::take(&mut self.state.lock().alloc.pending)
+    /// Takes the pending slots, `(reuse, punch)`: the caller's barrier syncs metadata,
+    /// punches the second list and then hands both back with [`Self::release`].
+    pub fn take_pending(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut st = self.state.lock();
+        (std::mem::take(&mut st.alloc.pending), std::mem::take(&mut st.alloc.pending_punch))
     }
 
     pub fn release(&self, slots: &[u32]) {

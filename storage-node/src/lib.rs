@@ -41,10 +41,13 @@ pub async fn serve(
         }
     };
     tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "storage node listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it here, or
+    // every small reply waits for the peer's delayed ACK (40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let r = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .add_service(
             BlockIoServer::new(svc.clone())
                 .max_decoding_message_size(64 << 20)

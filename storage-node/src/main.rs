@@ -32,6 +32,9 @@ struct Args {
     direct_io: bool,
     #[arg(long, default_value_t = 1)]
     node_id: u64,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long, env = "TERN_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Datacenter label of this node.
     #[arg(long, default_value = "dc1")]
     datacenter: String,
@@ -40,7 +43,11 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tern_common::init_logging();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         let store = ChunkStore::open(StoreConfig {
             data_dir: args.data_dir,

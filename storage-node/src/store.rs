@@ -832,7 +832,7 @@ impl ChunkStore {
             }
             std::mem::take(&mut *dirty)
         };
-        let pending: Vec<Vec<u32>> = chunks.iter().map(|c| c.take_pending()).collect();
+        let pending: Vec<(Vec<u32>, Vec<u32>)> = chunks.iter().map(|c| c.take_pending()).collect();
         // 1. Data: fdatasync every file written since the last barrier.
         try_join_all(chunks.iter().map(|c| self.engine.sync(c.file.clone())))
             .await
@@ -842,25 +842,22 @@ impl ChunkStore {
         tokio::task::spawn_blocking(move || meta.sync_wal())
             .await
             .map_err(|e| Error::Sync(std::io::Error::other(e)))??;
-        // 3. Slots no durable entry references any more: punch them (space back to the
-        //    filesystem), then make them reusable. Punch first: a slot reused before its punch
-        //    completed would lose its new data.
+        // 3. Slots no durable entry references any more become reusable. Those freed by trim
+        //    or zeroing are punched first (space back to the filesystem; punching after reuse
+        //    would destroy new data); those freed by overwrites are simply reused.
         let mut released = 0u64;
-        for (c, slots) in chunks.iter().zip(pending) {
-            if slots.is_empty() {
-                continue;
-            }
-            let mut sorted = slots.clone();
-            sorted.sort_unstable();
-            for (slot, _, n) in slot_runs(&sorted) {
+        for (c, (reuse, mut punch)) in chunks.iter().zip(pending) {
+            punch.sort_unstable();
+            for (slot, _, n) in slot_runs(&punch) {
                 let r =
                     self.engine.punch_hole(c.file.clone(), slot as u64 * BS, n as u64 * BS).await;
                 if let Err(e) = r {
                     tracing::warn!(%e, "punching freed slots failed; space stays allocated");
                 }
             }
-            c.release(&slots);
-            released += slots.len() as u64;
+            c.release(&reuse);
+            c.release(&punch);
+            released += (reuse.len() + punch.len()) as u64;
         }
         self.pending_slots
             .fetch_sub(released.min(self.pending_slots.load(Ordering::Relaxed)), Ordering::Relaxed);
