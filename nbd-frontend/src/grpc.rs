@@ -4,26 +4,114 @@
 //! through the `BlockIo` and `VolumeAdmin` services. gRPC status codes are mapped to
 //! [`BackendError`] here, in one place.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
+use parking_lot::Mutex;
+use tern_proto::v1::io_request::Op;
 use tern_proto::v1::{
     self, block_io_client::BlockIoClient, volume_admin_client::VolumeAdminClient, volume_ref,
 };
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::backend::{Backend, BackendError, ExportInfo, Extent};
 
 /// A storage node reached over gRPC. Cheap to clone: clones share the HTTP/2 connections.
+///
+/// Data requests travel on [`Lane`]s: long-lived `BlockIo.Io` streams, each on its own HTTP/2
+/// connection, carrying many requests matched to their responses by id.
 #[derive(Clone)]
 pub struct GrpcBackend {
-    io: Vec<BlockIoClient<Channel>>,
+    lanes: Arc<Vec<Lane>>,
     admin: VolumeAdminClient<Channel>,
-    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    next: Arc<AtomicUsize>,
 }
 
-/// HTTP/2 connections to the storage node for data. One connection serializes its frames
-/// through one task on each side; a few spread the load over both cores.
-const DATA_CONNECTIONS: usize = 4;
+/// `Io` streams (and HTTP/2 connections) to the storage node for data.
+const DATA_LANES: usize = 2;
+/// Requests a lane queues before senders wait.
+const LANE_DEPTH: usize = 1024;
+
+type Pending =
+    Arc<Mutex<HashMap<u64, oneshot::Sender<Result<v1::io_response::Result, BackendError>>>>>;
+
+/// One `Io` stream, established on first use and again after it breaks.
+struct Lane {
+    client: BlockIoClient<Channel>,
+    current: tokio::sync::Mutex<Option<Stream>>,
+    next_id: AtomicU64,
+}
+
+/// An established stream: where to send requests and who waits for which id.
+#[derive(Clone)]
+struct Stream {
+    tx: mpsc::Sender<v1::IoRequest>,
+    pending: Pending,
+}
+
+impl Lane {
+    /// The live stream, establishing one if there is none (or the last one broke).
+    async fn stream(&self) -> Result<Stream, BackendError> {
+        let mut cur = self.current.lock().await;
+        if let Some(s) = cur.as_ref().filter(|s| !s.tx.is_closed()) {
+            return Ok(s.clone());
+        }
+        let (tx, rx) = mpsc::channel(LANE_DEPTH);
+        let pending: Pending = Arc::default();
+        let mut inbound = self
+            .client
+            .clone()
+            .io(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(map_status)?
+            .into_inner();
+        let p = pending.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(resp)) => {
+                        let waiter = p.lock().remove(&resp.id);
+                        if let (Some(w), Some(r)) = (waiter, resp.result) {
+                            let _ = w.send(Ok(r));
+                        }
+                    }
+                    Ok(None) => break "storage node closed the I/O stream".to_string(),
+                    Err(s) => break s.message().to_string(),
+                }
+            };
+            // Everything still waiting on this stream fails (EIO); the next request opens a
+            // new stream.
+            for (_, w) in p.lock().drain() {
+                let _ = w.send(Err(BackendError::Unavailable(why.clone())));
+            }
+        });
+        let s = Stream { tx, pending };
+        *cur = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn call(&self, op: v1::io_request::Op) -> Result<v1::io_response::Result, BackendError> {
+        let s = self.stream().await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (w, r) = oneshot::channel();
+        s.pending.lock().insert(id, w);
+        if s.tx.send(v1::IoRequest { id, op: Some(op) }).await.is_err() {
+            s.pending.lock().remove(&id);
+            return Err(BackendError::Unavailable("I/O stream closed".into()));
+        }
+        match r.await {
+            Ok(Ok(v1::io_response::Result::Error(e))) => {
+                Err(map_status(tonic::Status::new(Code::from_i32(e.code), e.message)))
+            }
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Unavailable("I/O stream dropped the request".into())),
+        }
+    }
+}
 
 impl GrpcBackend {
     /// Connects lazily to `endpoint` (e.g. `http://127.0.0.1:7700`): the frontend starts even
@@ -34,21 +122,27 @@ impl GrpcBackend {
             .connect_timeout(std::time::Duration::from_secs(3))
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20);
-        let io = (0..DATA_CONNECTIONS)
-            .map(|_| {
-                BlockIoClient::new(ep.connect_lazy())
+        let lanes = (0..DATA_LANES)
+            .map(|_| Lane {
+                client: BlockIoClient::new(ep.connect_lazy())
                     .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+                current: tokio::sync::Mutex::new(None),
+                next_id: AtomicU64::new(0),
             })
             .collect();
         let admin = VolumeAdminClient::new(ep.connect_lazy());
-        Ok(Self { io, admin, next: Default::default() })
+        Ok(Self { lanes: Arc::new(lanes), admin, next: Default::default() })
     }
 
-    fn io(&self) -> BlockIoClient<Channel> {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.io[i % self.io.len()].clone()
+    async fn call(&self, op: v1::io_request::Op) -> Result<v1::io_response::Result, BackendError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lanes[i % self.lanes.len()].call(op).await
     }
+}
+
+fn unexpected(what: &str) -> BackendError {
+    BackendError::Io(format!("storage node sent an unexpected reply to {what}"))
 }
 
 fn header(volume_id: u64) -> Option<v1::IoHeader> {
@@ -99,15 +193,16 @@ impl Backend for GrpcBackend {
 
     async fn read(&self, volume_id: u64, offset: u64, len: u32) -> Result<Bytes, BackendError> {
         let req = v1::ReadRequest { header: header(volume_id), offset, length: len };
-        let r = self.io().read(req).await.map_err(map_status)?;
-        let data = r.into_inner().data;
-        if data.len() != len as usize {
+        let v1::io_response::Result::Read(r) = self.call(Op::Read(req)).await? else {
+            return Err(unexpected("a read"));
+        };
+        if r.data.len() != len as usize {
             return Err(BackendError::Io(format!(
                 "storage node returned {} bytes for a {len}-byte read",
-                data.len()
+                r.data.len()
             )));
         }
-        Ok(data)
+        Ok(r.data)
     }
 
     async fn write(
@@ -118,8 +213,7 @@ impl Backend for GrpcBackend {
         fua: bool,
     ) -> Result<(), BackendError> {
         let req = v1::WriteRequest { header: header(volume_id), offset, data, fua };
-        self.io().write(req).await.map_err(map_status)?;
-        Ok(())
+        self.call(Op::Write(req)).await.map(|_| ())
     }
 
     async fn write_zeroes(
@@ -137,8 +231,7 @@ impl Backend for GrpcBackend {
             punch_hole,
             fua,
         };
-        self.io().write_zeroes(req).await.map_err(map_status)?;
-        Ok(())
+        self.call(Op::WriteZeroes(req)).await.map(|_| ())
     }
 
     async fn trim(
@@ -149,16 +242,11 @@ impl Backend for GrpcBackend {
         fua: bool,
     ) -> Result<(), BackendError> {
         let req = v1::TrimRequest { header: header(volume_id), offset, length: len, fua };
-        self.io().trim(req).await.map_err(map_status)?;
-        Ok(())
+        self.call(Op::Trim(req)).await.map(|_| ())
     }
 
     async fn flush(&self, volume_id: u64) -> Result<(), BackendError> {
-        self.io()
-            .flush(v1::FlushRequest { header: header(volume_id) })
-            .await
-            .map_err(map_status)?;
-        Ok(())
+        self.call(Op::Flush(v1::FlushRequest { header: header(volume_id) })).await.map(|_| ())
     }
 
     async fn block_status(
@@ -168,9 +256,10 @@ impl Backend for GrpcBackend {
         len: u64,
     ) -> Result<Vec<Extent>, BackendError> {
         let req = v1::BlockStatusRequest { header: header(volume_id), offset, length: len };
-        let r = self.io().block_status(req).await.map_err(map_status)?;
-        Ok(r.into_inner()
-            .extents
+        let v1::io_response::Result::BlockStatus(r) = self.call(Op::BlockStatus(req)).await? else {
+            return Err(unexpected("a block status request"));
+        };
+        Ok(r.extents
             .into_iter()
             .map(|e| Extent { length: e.length, hole: e.hole, zero: e.zero })
             .collect())

@@ -154,65 +154,40 @@ impl VolumeAdmin for Service {
     }
 }
 
-#[tonic::async_trait]
-impl BlockIo for Service {
-    async fn read(
-        &self,
-        req: Request<v1::ReadRequest>,
-    ) -> Result<Response<v1::ReadResponse>, Status> {
-        let r = req.into_inner();
+/// The data operations, shared by the unary calls and the `Io` stream.
+impl Service {
+    async fn do_read(&self, r: v1::ReadRequest) -> Result<v1::ReadResponse, Status> {
         let v = self.volume_by_header(r.header)?;
         let data = self.store.read(&v, r.offset, u64::from(r.length)).await?;
-        Ok(Response::new(v1::ReadResponse { data }))
+        Ok(v1::ReadResponse { data })
     }
 
-    async fn write(
-        &self,
-        req: Request<v1::WriteRequest>,
-    ) -> Result<Response<v1::WriteResponse>, Status> {
-        let r = req.into_inner();
+    async fn do_write(&self, r: v1::WriteRequest) -> Result<(), Status> {
         let v = self.volume_by_header(r.header)?;
-        self.store.write(&v, r.offset, r.data, r.fua).await?;
-        Ok(Response::new(v1::WriteResponse {}))
+        Ok(self.store.write(&v, r.offset, r.data, r.fua).await?)
     }
 
-    async fn write_zeroes(
-        &self,
-        req: Request<v1::WriteZeroesRequest>,
-    ) -> Result<Response<v1::WriteZeroesResponse>, Status> {
-        let r = req.into_inner();
+    async fn do_write_zeroes(&self, r: v1::WriteZeroesRequest) -> Result<(), Status> {
         let v = self.volume_by_header(r.header)?;
-        self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?;
-        Ok(Response::new(v1::WriteZeroesResponse {}))
+        Ok(self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?)
     }
 
-    async fn trim(
-        &self,
-        req: Request<v1::TrimRequest>,
-    ) -> Result<Response<v1::TrimResponse>, Status> {
-        let r = req.into_inner();
+    async fn do_trim(&self, r: v1::TrimRequest) -> Result<(), Status> {
         let v = self.volume_by_header(r.header)?;
-        self.store.trim(&v, r.offset, r.length, r.fua).await?;
-        Ok(Response::new(v1::TrimResponse {}))
+        Ok(self.store.trim(&v, r.offset, r.length, r.fua).await?)
     }
 
-    async fn flush(
-        &self,
-        req: Request<v1::FlushRequest>,
-    ) -> Result<Response<v1::FlushResponse>, Status> {
-        let r = req.into_inner();
+    async fn do_flush(&self, r: v1::FlushRequest) -> Result<(), Status> {
         // The barrier covers every volume of the node: a flush on one connection covers the
         // writes completed on all of them (NBD multi-conn).
         let _ = self.volume_by_header(r.header)?;
-        self.store.barrier().await?;
-        Ok(Response::new(v1::FlushResponse {}))
+        Ok(self.store.barrier().await?)
     }
 
-    async fn block_status(
+    async fn do_block_status(
         &self,
-        req: Request<v1::BlockStatusRequest>,
-    ) -> Result<Response<v1::BlockStatusResponse>, Status> {
-        let r = req.into_inner();
+        r: v1::BlockStatusRequest,
+    ) -> Result<v1::BlockStatusResponse, Status> {
         let v = self.volume_by_header(r.header)?;
         let extents = self
             .store
@@ -225,6 +200,118 @@ impl BlockIo for Service {
                 zero: matches!(e, Entry::Hole | Entry::Zero),
             })
             .collect();
-        Ok(Response::new(v1::BlockStatusResponse { extents }))
+        Ok(v1::BlockStatusResponse { extents })
+    }
+
+    /// One request of the `Io` stream, answered with the same id.
+    async fn do_io(&self, req: v1::IoRequest) -> v1::IoResponse {
+        use v1::io_request::Op;
+        use v1::io_response::Result as R;
+        let done = |r: Result<(), Status>| r.map(|()| R::Done(true));
+        let result = match req.op {
+            Some(Op::Read(r)) => self.do_read(r).await.map(R::Read),
+            Some(Op::Write(r)) => done(self.do_write(r).await),
+            Some(Op::WriteZeroes(r)) => done(self.do_write_zeroes(r).await),
+            Some(Op::Trim(r)) => done(self.do_trim(r).await),
+            Some(Op::Flush(r)) => done(self.do_flush(r).await),
+            Some(Op::BlockStatus(r)) => self.do_block_status(r).await.map(R::BlockStatus),
+            None => Err(Status::invalid_argument("I/O request without an operation")),
+        };
+        let result = result.unwrap_or_else(|s| {
+            R::Error(v1::IoError { code: s.code() as i32, message: s.message().to_string() })
+        });
+        v1::IoResponse { id: req.id, result: Some(result) }
+    }
+}
+
+/// Responses of one `Io` stream.
+pub type IoStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::IoResponse, Status>> + Send>>;
+
+/// Requests in flight on one `Io` stream before the node stops reading more from it.
+const IO_STREAM_DEPTH: usize = 256;
+
+#[tonic::async_trait]
+impl BlockIo for Service {
+    type IoStream = IoStream;
+
+    async fn io(
+        &self,
+        req: Request<tonic::Streaming<v1::IoRequest>>,
+    ) -> Result<Response<Self::IoStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(IO_STREAM_DEPTH);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(IO_STREAM_DEPTH));
+            loop {
+                let permit = match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                };
+                match inbound.message().await {
+                    Ok(Some(r)) => {
+                        let (svc, tx) = (svc.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let resp = svc.do_io(r).await;
+                            let _ = tx.send(Ok(resp)).await;
+                            drop(permit);
+                        });
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(%e, "I/O stream ended");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn read(
+        &self,
+        req: Request<v1::ReadRequest>,
+    ) -> Result<Response<v1::ReadResponse>, Status> {
+        Ok(Response::new(self.do_read(req.into_inner()).await?))
+    }
+
+    async fn write(
+        &self,
+        req: Request<v1::WriteRequest>,
+    ) -> Result<Response<v1::WriteResponse>, Status> {
+        self.do_write(req.into_inner()).await?;
+        Ok(Response::new(v1::WriteResponse {}))
+    }
+
+    async fn write_zeroes(
+        &self,
+        req: Request<v1::WriteZeroesRequest>,
+    ) -> Result<Response<v1::WriteZeroesResponse>, Status> {
+        self.do_write_zeroes(req.into_inner()).await?;
+        Ok(Response::new(v1::WriteZeroesResponse {}))
+    }
+
+    async fn trim(
+        &self,
+        req: Request<v1::TrimRequest>,
+    ) -> Result<Response<v1::TrimResponse>, Status> {
+        self.do_trim(req.into_inner()).await?;
+        Ok(Response::new(v1::TrimResponse {}))
+    }
+
+    async fn flush(
+        &self,
+        req: Request<v1::FlushRequest>,
+    ) -> Result<Response<v1::FlushResponse>, Status> {
+        self.do_flush(req.into_inner()).await?;
+        Ok(Response::new(v1::FlushResponse {}))
+    }
+
+    async fn block_status(
+        &self,
+        req: Request<v1::BlockStatusRequest>,
+    ) -> Result<Response<v1::BlockStatusResponse>, Status> {
+        Ok(Response::new(self.do_block_status(req.into_inner()).await?))
     }
 }

@@ -131,3 +131,23 @@ fn kill9_loses_no_acknowledged_write_uring() {
 fn kill9_loses_no_acknowledged_write_sync_engine() {
     kill9_round("sync");
 }
+
+/// The frontend outlives a storage node crash: requests fail with EIO while the node is down
+/// (never hang, never wrong data), and work again once it is back, on the same frontend.
+#[test]
+fn frontend_reconnects_after_storage_node_restart() {
+    let mut d = Deployment::start();
+    d.create_volume("re", "16M");
+    let uri = d.uri("re");
+    d.must_run(60, "qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x3c 0 1M", "-c", "flush"]);
+    d.kill9_node();
+    let o = tern_tests::run(60, "qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x3c 0 4k"]);
+    let all = text(&o);
+    assert!(
+        !o.status.success() || all.contains("error") || all.contains("failed"),
+        "a read with the storage node down must fail\n{all}"
+    );
+    d.start_node();
+    d.must_run(60, "qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x3c 0 1M"]);
+    d.must_be_alive();
+}
