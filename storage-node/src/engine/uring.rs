@@ -1,18 +1,24 @@
-//! The io_uring engine: one ring owned by a dedicated thread beside tokio.
+//! The io_uring engine: submissions straight from the calling tokio thread, completions
+//! reaped by a tokio task woken through an eventfd registered with the ring.
 //!
-//! Callers send operations over a channel and kick an eventfd; the ring thread keeps a read of
-//! that eventfd armed in the ring, so one `submit_and_wait` sleeps until either an I/O or a new
-//! request completes (no polling: idle costs nothing). Each operation's buffer and file are
-//! owned by the in-flight table until its completion is reaped, then handed back through a
-//! oneshot channel.
+//! No thread of its own: an I/O costs one `io_uring_enter` on the submitting thread and a
+//! wake-up of the reaper through tokio's reactor, instead of two cross-thread hand-offs (which
+//! dominated small-I/O latency on this 2-core VM when a dedicated ring thread did the work).
+//! Idle costs nothing: the reaper sleeps until the kernel posts a completion.
+//!
+//! Each operation's buffer and file are owned by the in-flight table until its completion is
+//! reaped, then handed back through a oneshot channel. A caller that stops waiting (its future
+//! dropped) does not free the buffer under the kernel's feet: the table still owns it.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
+use parking_lot::Mutex;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use super::{DataFile, IoEngine, IoFuture};
@@ -33,47 +39,54 @@ struct Op {
     done: oneshot::Sender<io::Result<Option<AlignedBuf>>>,
 }
 
-enum Msg {
-    Op(Op),
-    Shutdown,
+struct State {
+    ring: IoUring,
+    inflight: Vec<Option<Op>>,
+    free_slots: Vec<usize>,
+    count: usize,
+    /// Operations waiting for room in the ring.
+    waiting: VecDeque<Op>,
+    cap: usize,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    efd: Arc<OwnedFd>,
 }
 
 pub struct UringEngine {
-    tx: mpsc::Sender<Msg>,
-    kick: Arc<OwnedFd>,
-}
-
-const KICK_TAG: u64 = u64::MAX;
-
-fn kick(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    inner: Arc<Inner>,
 }
 
 impl UringEngine {
-    /// Sets up a ring of `entries` and starts its thread.
+    /// Sets up a ring of `entries` and its reaper task. Must be called within a tokio runtime.
     pub fn start(entries: u32) -> io::Result<Self> {
         let ring = IoUring::new(entries)?;
         // SAFETY: eventfd returns a new fd or -1, checked below.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: raw is a freshly created fd that nothing else owns.
-        let kick_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        let (tx, rx) = mpsc::channel();
-        let thread_kick = kick_fd.clone();
-        std::thread::Builder::new()
-            .name("tern-uring".into())
-            .spawn(move || run(ring, rx, thread_kick, entries as usize))?;
-        Ok(Self { tx, kick: kick_fd })
-    }
-
-    fn submit(&self, op: Op) {
-        // A send can only fail after shutdown; the dropped `done` then reports the error.
-        let _ = self.tx.send(Msg::Op(op));
-        kick(&self.kick);
+        let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        // SAFETY: the Arc<OwnedFd> keeps the eventfd open, and its as_raw_fd never changes,
+        // for the whole life of the AsyncFd (which owns one clone of the Arc).
+        let reaper_fd = unsafe { AsyncFd::register_with_interest(efd.clone(), Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                ring,
+                inflight: Vec::new(),
+                free_slots: Vec::new(),
+                count: 0,
+                waiting: VecDeque::new(),
+                cap: entries as usize,
+            }),
+            efd,
+        });
+        tokio::spawn(reap(Arc::downgrade(&inner), reaper_fd));
+        Ok(Self { inner })
     }
 
     fn call(
@@ -84,15 +97,131 @@ impl UringEngine {
         offset: u64,
     ) -> IoFuture<Option<AlignedBuf>> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op { kind, file, buf, offset, done });
+        let op = Op { kind, file, buf, offset, done };
+        {
+            let mut st = self.inner.state.lock();
+            st.waiting.push_back(op);
+            st.push_waiting();
+            if let Err(e) = st.ring.submit() {
+                tracing::warn!(%e, "io_uring submit failed; the reaper retries");
+            }
+        }
         Box::pin(async move { rx.await.map_err(|_| io::Error::other("io_uring engine stopped"))? })
+    }
+}
+
+impl State {
+    /// Moves waiting operations into the submission queue while the ring has room.
+    fn push_waiting(&mut self) {
+        while self.count < self.cap {
+            let Some(mut op) = self.waiting.pop_front() else { break };
+            let slot = self.free_slots.pop().unwrap_or_else(|| {
+                self.inflight.push(None);
+                self.inflight.len() - 1
+            });
+            let sqe = sqe_for(&mut op).user_data(slot as u64);
+            // SAFETY: the buffer and file the SQE points into are owned by
+            // `inflight[slot]` (a heap allocation that does not move when the table grows)
+            // until the matching completion is reaped; on drop with operations in flight the
+            // table is leaked rather than freed (see `Drop for Inner`).
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                self.free_slots.push(slot);
+                self.waiting.push_front(op);
+                break;
+            }
+            self.inflight[slot] = Some(op);
+            self.count += 1;
+        }
+    }
+
+    /// Takes every completion from the ring.
+    fn reap(&mut self) -> Vec<(Op, i32)> {
+        let cqes: Vec<(u64, i32)> =
+            self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let mut out = Vec::with_capacity(cqes.len());
+        for (tag, res) in cqes {
+            let slot = tag as usize;
+            if let Some(op) = self.inflight.get_mut(slot).and_then(Option::take) {
+                self.free_slots.push(slot);
+                self.count -= 1;
+                out.push((op, res));
+            }
+        }
+        out
+    }
+}
+
+fn sqe_for(op: &mut Op) -> squeue::Entry {
+    let fd = types::Fd(op.file.file.as_raw_fd());
+    match op.kind {
+        Kind::Read => {
+            let b = op.buf.as_mut().expect("read buffer");
+            opcode::Read::new(fd, b.as_mut_ptr(), b.len() as u32).offset(op.offset).build()
+        }
+        Kind::Write => {
+            let b = op.buf.as_ref().expect("write buffer");
+            opcode::Write::new(fd, b.as_ptr(), b.len() as u32).offset(op.offset).build()
+        }
+        Kind::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        Kind::Punch { offset, len } => opcode::Fallocate::new(fd, len)
+            .offset(offset)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .build(),
+    }
+}
+
+/// The reaper: sleeps on the eventfd, then completes whatever the kernel posted.
+async fn reap(inner: Weak<Inner>, efd: AsyncFd<Arc<OwnedFd>>) {
+    loop {
+        let mut guard = match efd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(%e, "io_uring eventfd failed; the engine stops");
+                return;
+            }
+        };
+        // Reset the counter first: a completion posted after this read signals again.
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own (non-blocking).
+        let _ =
+            unsafe { libc::read(efd.get_ref().as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
+        guard.clear_ready();
+        let Some(inner) = inner.upgrade() else { return };
+        let done = {
+            let mut st = inner.state.lock();
+            let done = st.reap();
+            if !st.waiting.is_empty() {
+                st.push_waiting();
+                let _ = st.ring.submit();
+            }
+            done
+        };
+        for (op, res) in done {
+            let out = complete(op.kind, op.buf, res);
+            let _ = op.done.send(out);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        if st.count > 0 {
+            // The kernel may still write into these buffers: leak them (and the ring) rather
+            // than free memory under it.
+            tracing::warn!(in_flight = st.count, "io_uring engine dropped with I/O in flight");
+            let table = std::mem::take(&mut st.inflight);
+            std::mem::forget(table);
+        }
     }
 }
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Shutdown);
-        kick(&self.kick);
+        // Wake the reaper so it notices the engine is gone.
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        let _ = unsafe { libc::write(self.inner.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }
 
@@ -119,105 +248,6 @@ impl IoEngine for UringEngine {
     fn punch_hole(&self, file: Arc<DataFile>, offset: u64, len: u64) -> IoFuture<()> {
         let f = self.call(Kind::Punch { offset, len }, file, None, 0);
         Box::pin(async move { f.await.map(|_| ()) })
-    }
-}
-
-/// The ring thread: owns the ring and the in-flight table.
-fn run(mut ring: IoUring, rx: mpsc::Receiver<Msg>, kick_fd: Arc<OwnedFd>, cap: usize) {
-    let mut inflight: Vec<Option<Op>> = Vec::new();
-    let mut free_slots: Vec<usize> = Vec::new();
-    let mut waiting: VecDeque<Op> = VecDeque::new();
-    let mut count = 0usize;
-    let mut kick_buf = [0u8; 8];
-    let mut kick_armed = false;
-    let mut shutting_down = false;
-
-    loop {
-        if !kick_armed && !shutting_down {
-            let sqe = opcode::Read::new(types::Fd(kick_fd.as_raw_fd()), kick_buf.as_mut_ptr(), 8)
-                .build()
-                .user_data(KICK_TAG);
-            // SAFETY: kick_buf lives on this thread's stack for the life of the loop, and the
-            // read completes (or the ring is dropped) before the function returns.
-            if unsafe { ring.submission().push(&sqe) }.is_ok() {
-                kick_armed = true;
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Op(op)) => waiting.push_back(op),
-                Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => shutting_down = true,
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
-            if shutting_down {
-                break;
-            }
-        }
-        while count < cap {
-            let Some(mut op) = waiting.pop_front() else { break };
-            let fd = types::Fd(op.file.file.as_raw_fd());
-            let slot = free_slots.pop().unwrap_or_else(|| {
-                inflight.push(None);
-                inflight.len() - 1
-            });
-            let sqe = match op.kind {
-                Kind::Read => {
-                    let b = op.buf.as_mut().expect("read buffer");
-                    opcode::Read::new(fd, b.as_mut_ptr(), b.len() as u32).offset(op.offset).build()
-                }
-                Kind::Write => {
-                    let b = op.buf.as_ref().expect("write buffer");
-                    opcode::Write::new(fd, b.as_ptr(), b.len() as u32).offset(op.offset).build()
-                }
-                Kind::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-                Kind::Punch { offset, len } => opcode::Fallocate::new(fd, len)
-                    .offset(offset)
-                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                    .build(),
-            }
-            .user_data(slot as u64);
-            // SAFETY: the buffer and file the SQE points into are owned by `inflight[slot]`
-            // (a heap allocation that does not move when the table grows) until the matching
-            // completion is reaped below.
-            if unsafe { ring.submission().push(&sqe) }.is_err() {
-                // Submission queue full: submit what is there and try again next round.
-                free_slots.push(slot);
-                waiting.push_front(op);
-                break;
-            }
-            inflight[slot] = Some(op);
-            count += 1;
-        }
-        if shutting_down && count == 0 {
-            return;
-        }
-        let want = if waiting.is_empty() || count >= cap { 1 } else { 0 };
-        match ring.submit_and_wait(want) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => {
-                tracing::error!(%e, "io_uring submit failed; failing in-flight I/O");
-                for op in inflight.iter_mut().filter_map(Option::take) {
-                    let _ = op.done.send(Err(io::Error::other(format!("io_uring: {e}"))));
-                }
-                return;
-            }
-        }
-        let cqes: Vec<(u64, i32)> =
-            ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (tag, res) in cqes {
-            if tag == KICK_TAG {
-                kick_armed = false;
-                continue;
-            }
-            let slot = tag as usize;
-            let Some(op) = inflight[slot].take() else { continue };
-            free_slots.push(slot);
-            count -= 1;
-            let out = complete(op.kind, op.buf, res);
-            let _ = op.done.send(out);
-        }
     }
 }
 
