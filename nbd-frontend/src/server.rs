@@ -59,6 +59,8 @@ pub(crate) enum ConnectionError {
     Malformed(#[from] CodecError),
     #[error("client flags {0:#x} refused: fixed newstyle is required and no unknown flag allowed")]
     ClientFlags(u32),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
     #[error("NBD_OPT_EXPORT_NAME for unknown export {0:?}")]
     UnknownExport(String),
     #[error("NBD_OPT_EXPORT_NAME could not look up the export: {0}")]
@@ -107,6 +109,9 @@ pub async fn serve<B: Backend>(
     }
 }
 
+/// How long a client may take from connecting to entering the transmission phase.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One connection, start to end; logs how it ended.
 async fn connection<B: Backend>(
     stream: TcpStream,
@@ -129,7 +134,12 @@ async fn run_connection<B: Backend>(
 ) -> Result<(), ConnectionError> {
     // Replies are small and latency-bound; the writer batches them itself.
     stream.set_nodelay(true)?;
-    match handshake::negotiate(&mut stream, backend).await? {
+    // A client that connects and never finishes negotiating must not hold its task forever.
+    let negotiated =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, backend))
+            .await
+            .map_err(|_| ConnectionError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+    match negotiated {
         Negotiated::Aborted => Ok(()),
         Negotiated::Transmission(session) => {
             debug!(export = %session.export.name, flags = session.flags, "NBD transmission phase");

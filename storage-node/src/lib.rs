@@ -44,7 +44,8 @@ pub async fn serve(
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it here, or
     // every small reply waits for the peer's delayed ACK (40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let r = tonic::transport::Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
@@ -54,8 +55,25 @@ pub async fn serve(
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(VolumeAdminServer::new(svc))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    let r = tokio::select! {
+        r = &mut server => r,
+        () = shutdown => {
+            let _ = stop_tx.send(());
+            // Frontends keep their connections open, which would hold a graceful shutdown
+            // forever: give in-flight requests a moment, then stop.
+            match tokio::time::timeout(std::time::Duration::from_secs(3), &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!("connections still open after 3 s; stopping anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
     // Whatever was acknowledged is already in the WAL; make it durable before exiting.
     if let Err(e) = store.barrier().await {
         tracing::error!(%e, "final barrier failed");
