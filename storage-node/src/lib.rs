@@ -49,6 +49,8 @@ pub async fn serve(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        // Large frames: a 1 MiB write arrives in a few frames instead of 64 of 16 KiB.
+        .max_frame_size(Some(1 << 20))
         .add_service(
             BlockIoServer::new(svc.clone())
                 .max_decoding_message_size(64 << 20)
