@@ -203,6 +203,10 @@ impl Service {
         Ok(v1::BlockStatusResponse { extents })
     }
 
+    async fn do_io_owned(self, req: v1::IoRequest) -> v1::IoResponse {
+        self.do_io(req).await
+    }
+
     /// One request of the `Io` stream, answered with the same id.
     async fn do_io(&self, req: v1::IoRequest) -> v1::IoResponse {
         use v1::io_request::Op;
@@ -242,27 +246,31 @@ impl BlockIo for Service {
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(IO_STREAM_DEPTH);
         let svc = self.clone();
+        // One task per stream runs its requests concurrently (FuturesUnordered) and sends each
+        // response as it completes: no task spawn or cross-task wake-up per request.
         tokio::spawn(async move {
-            let permits = Arc::new(tokio::sync::Semaphore::new(IO_STREAM_DEPTH));
+            use futures::stream::{FuturesUnordered, StreamExt};
+            let mut running = FuturesUnordered::new();
+            let mut open = true;
             loop {
-                let permit = match permits.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
-                };
-                match inbound.message().await {
-                    Ok(Some(r)) => {
-                        let (svc, tx) = (svc.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let resp = svc.do_io(r).await;
-                            let _ = tx.send(Ok(resp)).await;
-                            drop(permit);
-                        });
+                tokio::select! {
+                    biased;
+                    Some(resp) = running.next(), if !running.is_empty() => {
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return;
+                        }
                     }
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::debug!(%e, "I/O stream ended");
-                        return;
+                    msg = inbound.message(), if open && running.len() < IO_STREAM_DEPTH => {
+                        match msg {
+                            Ok(Some(r)) => running.push(svc.clone().do_io_owned(r)),
+                            Ok(None) => open = false,
+                            Err(e) => {
+                                tracing::debug!(%e, "I/O stream ended");
+                                open = false;
+                            }
+                        }
                     }
+                    else => return,
                 }
             }
         });
