@@ -120,6 +120,14 @@ fn kill9_round(engine: &str) {
     let out = d.python(120, CHECKER, &[&uri, log.to_str().unwrap()]);
     assert!(out.status.success(), "data lost after kill -9\n{}\n{}", text(&out), d.logs());
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    // The checker can fail: lose one flushed block on purpose and it must notice.
+    d.must_run(60, "qemu-io", &["-f", "raw", &uri, "-c", "write -z 4096 4096"]);
+    let out = d.python(120, CHECKER, &[&uri, log.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && text(&out).contains("flushed round"),
+        "the checker missed a lost block\n{}",
+        text(&out)
+    );
 }
 
 #[test]
