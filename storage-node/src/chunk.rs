@@ -193,11 +193,11 @@ impl Chunk {
     }
 }
 
-/// Groups sorted slots into runs of consecutive slots: `(first slot, index of first item,
-/// count)`.
-pub fn slot_runs(slots: &[u32]) -> Vec<(u32, usize, usize)> {
+/// Groups `(index, slot)` pairs into runs where both go up by one: `(first slot, first
+/// index, count)`. Each run is one contiguous I/O between a buffer and the data file.
+pub fn slot_runs(pairs: impl IntoIterator<Item = (usize, u32)>) -> Vec<(u32, usize, usize)> {
     let mut runs: Vec<(u32, usize, usize)> = Vec::new();
-    for (i, &s) in slots.iter().enumerate() {
+    for (i, s) in pairs {
         match runs.last_mut() {
             Some((first, start, n)) if *first + (*n as u32) == s && *start + *n == i => *n += 1,
             _ => runs.push((s, i, 1)),
@@ -222,7 +222,11 @@ mod tests {
 
     #[test]
     fn runs() {
-        assert_eq!(slot_runs(&[4, 5, 6, 9, 10, 2]), vec![(4, 0, 3), (9, 3, 2), (2, 5, 1)]);
-        assert!(slot_runs(&[]).is_empty());
+        let slots = [4u32, 5, 6, 9, 10, 2];
+        let runs = slot_runs(slots.iter().copied().enumerate());
+        assert_eq!(runs, vec![(4, 0, 3), (9, 3, 2), (2, 5, 1)]);
+        // A gap in the indices (a hole between two data blocks) splits a run too.
+        assert_eq!(slot_runs([(0, 7), (2, 8)]), vec![(7, 0, 1), (8, 2, 1)]);
+        assert!(slot_runs([]).is_empty());
     }
 }

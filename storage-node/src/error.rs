@@ -41,6 +41,10 @@ pub enum Error {
     CorruptMeta { key: String, what: String },
     #[error("creating directory {path}: {source}")]
     CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("binding {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("serving gRPC: {0}")]
+    Serve(tonic::transport::Error),
     #[error("volume {0} was deleted")]
     VolumeDeleted(VolumeId),
 }
@@ -69,7 +73,9 @@ impl From<Error> for tonic::Status {
             | Error::DataIo { .. }
             | Error::Sync(_)
             | Error::Meta(_)
-            | Error::CreateDir { .. } => Code::Internal,
+            | Error::CreateDir { .. }
+            | Error::Bind { .. }
+            | Error::Serve(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())
     }

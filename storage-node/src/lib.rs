@@ -29,17 +29,11 @@ pub async fn serve(
     node_id: u64,
     datacenter: String,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
     let _bg = store.spawn_background();
     let svc = service::Service::new(store.clone(), node_id, datacenter);
-    let listener = tokio::net::TcpListener::bind(addr).await;
-    let listener = match listener {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, %e, "cannot bind");
-            std::process::exit(2);
-        }
-    };
     tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "storage node listening");
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it here, or
     // every small reply waits for the peer's delayed ACK (40 ms).
@@ -80,7 +74,7 @@ pub async fn serve(
     if let Err(e) = store.barrier().await {
         tracing::error!(%e, "final barrier failed");
     }
-    r
+    r.map_err(Error::Serve)
 }
 
 #[cfg(test)]

@@ -109,10 +109,9 @@ fn now_secs() -> u64 {
 }
 
 fn is_zero(b: &[u8]) -> bool {
-    let (head, body, tail) = (&b[..0], b.chunks_exact(8), &b[b.len() - b.len() % 8..]);
-    head.is_empty()
-        && tail.iter().all(|&x| x == 0)
-        && body.into_iter().all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == 0)
+    let words = b.chunks_exact(8);
+    words.remainder().iter().all(|&x| x == 0)
+        && words.into_iter().all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == 0)
 }
 
 impl ChunkStore {
@@ -439,9 +438,14 @@ impl ChunkStore {
         // A concurrent overwrite may free and (after a barrier) reuse a slot between our
         // snapshot of the map and our read of it; a checksum mismatch on a block whose entry
         // has since changed is that race, not corruption: read again.
+        // Whole blocks are read straight into `dst`; partial ones go through a scratch buffer.
+        let aligned = skip == 0 && dst.len() as u64 == u64::from(n) * BS;
+        let mut scratch =
+            if aligned { Vec::new() } else { vec![0u8; (u64::from(n) * BS) as usize] };
         for attempt in 0.. {
             let entries = c.entries(first, n);
-            let blocks = self.read_blocks(v, &c, &entries).await?;
+            let blocks: &mut [u8] = if aligned { &mut *dst } else { &mut scratch };
+            self.read_blocks(v, &c, &entries, blocks).await?;
             let mut bad = None;
             for (i, e) in entries.iter().enumerate() {
                 if let Entry::Data { crc, .. } = *e {
@@ -455,7 +459,9 @@ impl ChunkStore {
             }
             match bad {
                 None => {
-                    dst.copy_from_slice(&blocks[skip..skip + dst.len()]);
+                    if !aligned {
+                        dst.copy_from_slice(&scratch[skip..skip + dst.len()]);
+                    }
                     return Ok(());
                 }
                 Some((i, stored, computed)) => {
@@ -483,26 +489,25 @@ impl ChunkStore {
         unreachable!("the loop returns")
     }
 
-    /// Reads the given entries' blocks (zeros for holes and zero entries), one I/O per run
-    /// of consecutive slots.
-    async fn read_blocks(&self, v: &Volume, c: &Arc<Chunk>, entries: &[Entry]) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; entries.len() * BS as usize];
-        let data: Vec<(usize, u32)> = entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| match e {
-                Entry::Data { slot, .. } => Some((i, *slot)),
-                _ => None,
-            })
-            .collect();
-        // Runs of consecutive slots that are also consecutive blocks.
-        let mut runs: Vec<(u32, usize, usize)> = Vec::new();
-        for &(i, s) in &data {
-            match runs.last_mut() {
-                Some((first, start, n)) if *first + *n as u32 == s && *start + *n == i => *n += 1,
-                _ => runs.push((s, i, 1)),
+    /// Reads the given entries' blocks into `out` (`entries.len()` blocks long; zeros for
+    /// holes and zero entries), one I/O per run of consecutive slots.
+    async fn read_blocks(
+        &self,
+        v: &Volume,
+        c: &Arc<Chunk>,
+        entries: &[Entry],
+        out: &mut [u8],
+    ) -> Result<()> {
+        for (i, e) in entries.iter().enumerate() {
+            if !matches!(e, Entry::Data { .. }) {
+                out[i * BS as usize..(i + 1) * BS as usize].fill(0);
             }
         }
+        // Runs of consecutive slots that are also consecutive blocks.
+        let runs = slot_runs(entries.iter().enumerate().filter_map(|(i, e)| match e {
+            Entry::Data { slot, .. } => Some((i, *slot)),
+            _ => None,
+        }));
         let reads = runs.iter().map(|&(slot, _, n)| {
             self.engine.read_at(
                 c.file.clone(),
@@ -516,7 +521,7 @@ impl ChunkStore {
             let o = start * BS as usize;
             out[o..o + buf.len()].copy_from_slice(&buf);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes `data` at `offset` (any alignment; sub-block edges are read-modify-written).
@@ -597,7 +602,7 @@ impl ChunkStore {
             };
             updates.push((first + i as u32, e));
         }
-        let runs = slot_runs(&slots);
+        let runs = slot_runs(slots.iter().copied().enumerate());
         let writes = runs.iter().map(|&(slot, start, count)| {
             let mut buf = AlignedBuf::zeroed(count * BS as usize);
             for k in 0..count {
@@ -637,7 +642,8 @@ impl ChunkStore {
             if matches!(old, Entry::Hole | Entry::Zero) && is_zero(bytes) {
                 return Ok(()); // zeros over zeros: nothing to do
             }
-            let mut merged = self.read_blocks(v, c, &[old]).await?;
+            let mut merged = vec![0u8; BS as usize];
+            self.read_blocks(v, c, &[old], &mut merged).await?;
             if let Entry::Data { crc, .. } = old {
                 let got = crc32c::crc32c(&merged);
                 if got != crc {
@@ -848,7 +854,7 @@ impl ChunkStore {
         let mut released = 0u64;
         for (c, (reuse, mut punch)) in chunks.iter().zip(pending) {
             punch.sort_unstable();
-            for (slot, _, n) in slot_runs(&punch) {
+            for (slot, _, n) in slot_runs(punch.iter().copied().enumerate()) {
                 let r =
                     self.engine.punch_hole(c.file.clone(), slot as u64 * BS, n as u64 * BS).await;
                 if let Err(e) = r {
@@ -859,8 +865,9 @@ impl ChunkStore {
             c.release(&punch);
             released += (reuse.len() + punch.len()) as u64;
         }
-        self.pending_slots
-            .fetch_sub(released.min(self.pending_slots.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let _ = self.pending_slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+            Some(p.saturating_sub(released))
+        });
         Ok(())
     }
 }
