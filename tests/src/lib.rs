@@ -120,40 +120,37 @@ impl Deployment {
             .unwrap()
     }
 
-    pub fn start_node(&mut self) {
-        assert!(self.node.is_none(), "node already running");
-        let child = Command::new(bin("tern-storage-node"))
-            .args(["--listen", &self.node_addr.to_string()])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("node"))
-            .args(["--io-engine", &self.io_engine])
+    /// Spawns a daemon logging to `<log>.log` and waits until it accepts connections.
+    fn spawn_daemon(&self, log: &str, mut cmd: Command, addr: SocketAddr) -> Child {
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(self.log("node"))
-            .stderr(self.log("node"))
+            .stdout(self.log(log))
+            .stderr(self.log(log))
             .spawn()
-            .expect("spawn storage node");
-        self.node = Some(child);
-        if !wait_port(self.node_addr, Duration::from_secs(20)) {
-            panic!("storage node did not come up\n{}", self.logs());
+            .unwrap_or_else(|e| panic!("spawn {log}: {e}"));
+        if !wait_port(addr, Duration::from_secs(20)) {
+            panic!("{log} did not come up\n{}", self.logs());
         }
+        child
+    }
+
+    pub fn start_node(&mut self) {
+        assert!(self.node.is_none(), "node already running");
+        let mut cmd = Command::new(bin("tern-storage-node"));
+        cmd.args(["--listen", &self.node_addr.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("node"))
+            .args(["--io-engine", &self.io_engine]);
+        self.node = Some(self.spawn_daemon("node", cmd, self.node_addr));
     }
 
     pub fn start_frontend(&mut self) {
         assert!(self.frontend.is_none(), "frontend already running");
-        let child = Command::new(bin("tern-nbd-frontend"))
-            .args(["--listen", &self.nbd_addr.to_string()])
-            .args(["--storage", &format!("http://{}", self.node_addr)])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(self.log("frontend"))
-            .stderr(self.log("frontend"))
-            .spawn()
-            .expect("spawn frontend");
-        self.frontend = Some(child);
-        if !wait_port(self.nbd_addr, Duration::from_secs(20)) {
-            panic!("frontend did not come up\n{}", self.logs());
-        }
+        let mut cmd = Command::new(bin("tern-nbd-frontend"));
+        cmd.args(["--listen", &self.nbd_addr.to_string()])
+            .args(["--storage", &format!("http://{}", self.node_addr)]);
+        self.frontend = Some(self.spawn_daemon("frontend", cmd, self.nbd_addr));
     }
 
     /// `kill -9` of the storage node.

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tern_tests::{text, Deployment};
 
-const WRITER: &str = r#"
+/// Shared by the writer and the checker: arguments and the block pattern (block number and
+/// round, repeated).
+const PRELUDE: &str = r#"
 import json, struct, sys
 import nbd
 
@@ -17,6 +19,9 @@ uri, log_path = sys.argv[1], sys.argv[2]
 BS = 4096
 def block(b, rnd):
     return struct.pack("<QQ", b, rnd) * (BS // 16)
+"#;
+
+const WRITER: &str = r#"
 
 a = nbd.NBD(); a.connect_uri(uri)
 b = nbd.NBD(); b.connect_uri(uri)
@@ -55,13 +60,6 @@ except nbd.Error as e:
 "#;
 
 const CHECKER: &str = r#"
-import json, struct, sys
-import nbd
-
-uri, log_path = sys.argv[1], sys.argv[2]
-BS = 4096
-def block(b, rnd):
-    return struct.pack("<QQ", b, rnd) * (BS // 16)
 h = nbd.NBD(); h.connect_uri(uri)
 durable = json.load(open(log_path + ".durable"))
 for k, rnd in durable.items():
@@ -92,7 +90,7 @@ fn kill9_round(engine: &str) {
     let uri = d.uri("dur");
     let log = d.dir.path().join("writes.log");
     let script = d.dir.path().join("writer.py");
-    std::fs::write(&script, WRITER).unwrap();
+    std::fs::write(&script, format!("{PRELUDE}{WRITER}")).unwrap();
     let mut w = Command::new("/usr/bin/python3")
         .arg(&script)
         .arg(&uri)
@@ -117,12 +115,13 @@ fn kill9_round(engine: &str) {
     );
     d.start_node();
     d.start_frontend();
-    let out = d.python(120, CHECKER, &[&uri, log.to_str().unwrap()]);
+    let checker = format!("{PRELUDE}{CHECKER}");
+    let out = d.python(120, &checker, &[&uri, log.to_str().unwrap()]);
     assert!(out.status.success(), "data lost after kill -9\n{}\n{}", text(&out), d.logs());
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     // The checker can fail: lose one flushed block on purpose and it must notice.
     d.must_run(60, "qemu-io", &["-f", "raw", &uri, "-c", "write -z 4096 4096"]);
-    let out = d.python(120, CHECKER, &[&uri, log.to_str().unwrap()]);
+    let out = d.python(120, &checker, &[&uri, log.to_str().unwrap()]);
     assert!(
         !out.status.success() && text(&out).contains("flushed round"),
         "the checker missed a lost block\n{}",
