@@ -17,6 +17,30 @@ pub const MAX_IO_SIZE: u64 = 32 << 20;
 /// The longest volume name.
 pub const MAX_NAME_LEN: usize = 64;
 
+/// The Raft group of a cluster that holds volume records. Data chunk groups are `1..=groups`.
+pub const META_GROUP: u32 = 0;
+
+/// The chunk group (Raft group) holding chunk `chunk` of volume `volume` in a cluster of
+/// `groups` data groups. Consecutive chunks of a volume land in consecutive groups, so one
+/// volume's I/O spreads over many groups and their leaders; the volume id picks the starting
+/// group so that small volumes do not all crowd the same one. Frontends and storage nodes both
+/// route by this function, so it must never change for an existing cluster.
+pub fn chunk_group(volume: u64, chunk: u64, groups: u32) -> u32 {
+    assert!(groups > 0, "a cluster has at least one data group");
+    let start = volume.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    1 + (start.wrapping_add(chunk) % u64::from(groups)) as u32
+}
+
+/// Every data group holding some chunk of a volume of `size` bytes, in ascending order.
+pub fn volume_groups(volume: u64, size: u64, groups: u32) -> Vec<u32> {
+    let chunks = size.div_ceil(CHUNK_SIZE).max(1);
+    let mut out: Vec<u32> =
+        (0..chunks.min(u64::from(groups))).map(|c| chunk_group(volume, c, groups)).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// A volume's identity: assigned by the store at creation, never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VolumeId(pub u64);
@@ -163,5 +187,31 @@ mod tests {
         fn parse_size_round_trips_plain_numbers(n in 0u64..u64::MAX) {
             prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
         }
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn chunk_groups_cover_all_groups_and_stay_in_range() {
+        for groups in [1u32, 3, 32, 256] {
+            for volume in [1u64, 2, 77, u64::MAX] {
+                let mut seen = std::collections::BTreeSet::new();
+                for chunk in 0..u64::from(groups) {
+                    let g = chunk_group(volume, chunk, groups);
+                    assert!((1..=groups).contains(&g));
+                    seen.insert(g);
+                }
+                // Consecutive chunks visit every group once before repeating.
+                assert_eq!(seen.len(), groups as usize);
+                assert_eq!(
+                    volume_groups(volume, CHUNK_SIZE * u64::from(groups) * 2, groups).len(),
+                    groups as usize
+                );
+            }
+        }
+        assert_eq!(volume_groups(5, 4096, 32), vec![chunk_group(5, 0, 32)]);
     }
 }
