@@ -1,7 +1,7 @@
 //! The seam between the NBD protocol and where the blocks live.
 //!
 //! The NBD server is generic over [`Backend`]; production uses [`crate::grpc::GrpcBackend`]
-//! (a network client of the storage node), unit tests use [`MemBackend`] (feature
+//! (a network client of the storage nodes), unit tests use [`MemBackend`] (feature
 //! `test-utils`). Offsets and lengths reaching a backend were already checked against the
 //! export's size by the transmission layer.
 

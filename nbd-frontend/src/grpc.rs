@@ -1,145 +1,187 @@
-//! [`Backend`] over gRPC: the frontend as a network client of a storage node.
+//! [`Backend`] over gRPC: the frontend as a network client of the storage nodes.
 //!
-//! **Invariant:** the frontend never opens the storage node's files or RocksDB; everything goes
-//! through the `BlockIo` and `VolumeAdmin` services. gRPC status codes are mapped to
-//! [`BackendError`] here, in one place.
+//! **Invariant:** the frontend never opens a storage node's files or RocksDB; everything goes
+//! through the `BlockIo`, `VolumeAdmin` and `Cluster` services. gRPC status codes are mapped to
+//! [`BackendError`] here, in one place (`map_status`).
+//!
+//! # Connections
+//!
+//! Each storage node is a `Node`: data travels on a few long-lived `BlockIo.Io` streams
+//! ("lanes"), each on its own HTTP/2 connection, carrying many requests matched to their
+//! responses by id. A stream that breaks fails the requests waiting on it, and the next request
+//! opens a new one. Admin calls and cluster maps use one more channel per node.
+//!
+//! # Single node or cluster
+//!
+//! `--storage` names one endpoint or several (any one reachable is enough). The first request
+//! (normally an export lookup in the NBD handshake) asks them in order for the cluster map
+//! (`Cluster.GetClusterMap`), and the first answer settles the mode for the life of the
+//! process; if none answers, that request fails and the next one asks again.
+//!
+//! - **Single node**: the map has `groups == 0`, or the node predates the `Cluster` service
+//!   (`UNIMPLEMENTED`). Every request goes to that node as one call, with no retries: while
+//!   the node is down requests fail (EIO), and they work again once it is back.
+//! - **Cluster**: requests are routed to chunk group leaders, as below.
+//!
+//! # Routing in a cluster
+//!
+//! - A request is split at chunk boundaries (`parts`): each piece belongs to the chunk group
+//!   `tern_common::chunk_group(volume, chunk, groups)`. The pieces are sent concurrently: reads
+//!   are concatenated in order, writes carry slices of the one buffer, write-zeroes and trims
+//!   cover sub-ranges. Block status asks only about the first chunk's piece: NBD lets a reply
+//!   cover less than was asked, as long as it starts at the first byte.
+//! - Each piece goes to the last known leader of its group (a table of atomics: no lock on the
+//!   hot path), or to the members in turn when the leader is unknown.
+//! - A node that does not lead the group answers `UNAVAILABLE` with `IoError.leader`: the
+//!   cache is updated and the piece resent there at once (a few hops, then a pause, so stale
+//!   nodes naming each other do not spin).
+//! - `leader == 0` (an election), any other `UNAVAILABLE`, `DEADLINE_EXCEEDED` or `CANCELLED`,
+//!   and broken streams or refused connections are transient: the cached leader is forgotten,
+//!   the map is fetched again in the background (at most once a second), and the piece goes to
+//!   another node after a pause (20 ms, doubling up to 250 ms). After 30 s in all it fails
+//!   with [`BackendError::Unavailable`] (EIO). Resending a write is safe: block writes are
+//!   idempotent. Every other error is final and returned at once.
+//! - A flush goes to the leader of every group holding a chunk of the volume (from the size
+//!   seen by `lookup`; every group if unknown), naming its group in `FlushRequest.group`,
+//!   concurrently, and succeeds if all do. (A single node gets one flush without a group.)
+//! - Admin calls go to the meta group's leader if known, else to any member (nodes forward
+//!   them), and move to another member on `UNAVAILABLE`, within the same 30 s.
+//! - Members from the map are watched by HTTP/2 keep-alive pings, so a request waiting on a
+//!   node that vanished without closing its connections moves on within about 15 s.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+mod cluster;
+mod node;
+mod parts;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use parking_lot::Mutex;
+use bytes::{Bytes, BytesMut};
 use tern_proto::v1::io_request::Op;
-use tern_proto::v1::{
-    self, block_io_client::BlockIoClient, volume_admin_client::VolumeAdminClient, volume_ref,
-};
-use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint};
+use tern_proto::v1::{self, volume_ref};
+use tokio::sync::OnceCell;
 use tonic::Code;
+use tracing::info;
 
+use self::cluster::Cluster;
+use self::node::Node;
+use self::parts::{chunk_parts, first_part, Part};
 use crate::backend::{Backend, BackendError, ExportInfo, Extent};
 
-/// A storage node reached over gRPC. Cheap to clone: clones share the HTTP/2 connections.
-///
-/// Data requests travel on [`Lane`]s: long-lived `BlockIo.Io` streams, each on its own HTTP/2
-/// connection, carrying many requests matched to their responses by id.
+/// The storage nodes, reached over gRPC. Cheap to clone: clones share the connections and
+/// what is known of the cluster.
 #[derive(Clone)]
 pub struct GrpcBackend {
-    lanes: Arc<Vec<Lane>>,
-    admin: VolumeAdminClient<Channel>,
-    next: Arc<AtomicUsize>,
+    inner: Arc<Inner>,
 }
 
-/// `Io` streams (and HTTP/2 connections) to the storage node for data.
-const DATA_LANES: usize = 2;
-/// Requests a lane queues before senders wait.
-const LANE_DEPTH: usize = 1024;
-
-type Pending =
-    Arc<Mutex<HashMap<u64, oneshot::Sender<Result<v1::io_response::Result, BackendError>>>>>;
-
-/// One `Io` stream, established on first use and again after it breaks.
-struct Lane {
-    client: BlockIoClient<Channel>,
-    current: tokio::sync::Mutex<Option<Stream>>,
-    next_id: AtomicU64,
+struct Inner {
+    /// The configured endpoints, in order.
+    seeds: Vec<Arc<Node>>,
+    /// Settled by the first cluster map (or its absence), for the life of the process.
+    mode: OnceCell<Mode>,
 }
 
-/// An established stream: where to send requests and who waits for which id.
-#[derive(Clone)]
-struct Stream {
-    tx: mpsc::Sender<v1::IoRequest>,
-    pending: Pending,
+enum Mode {
+    /// One node without replication: everything goes there.
+    Single(Arc<Node>),
+    Cluster(Arc<Cluster>),
 }
 
-impl Lane {
-    /// The live stream, establishing one if there is none (or the last one broke).
-    async fn stream(&self) -> Result<Stream, BackendError> {
-        let mut cur = self.current.lock().await;
-        if let Some(s) = cur.as_ref().filter(|s| !s.tx.is_closed()) {
-            return Ok(s.clone());
-        }
-        let (tx, rx) = mpsc::channel(LANE_DEPTH);
-        let pending: Pending = Arc::default();
-        let mut inbound = self
-            .client
-            .clone()
-            .io(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(map_status)?
-            .into_inner();
-        let p = pending.clone();
-        tokio::spawn(async move {
-            let why = loop {
-                match inbound.message().await {
-                    Ok(Some(resp)) => {
-                        let waiter = p.lock().remove(&resp.id);
-                        if let (Some(w), Some(r)) = (waiter, resp.result) {
-                            let _ = w.send(Ok(r));
-                        }
-                    }
-                    Ok(None) => break "storage node closed the I/O stream".to_string(),
-                    Err(s) => break s.message().to_string(),
-                }
-            };
-            // Everything still waiting on this stream fails (EIO); the next request opens a
-            // new stream.
-            for (_, w) in p.lock().drain() {
-                let _ = w.send(Err(BackendError::Unavailable(why.clone())));
-            }
-        });
-        let s = Stream { tx, pending };
-        *cur = Some(s.clone());
-        Ok(s)
-    }
-
-    async fn call(&self, op: v1::io_request::Op) -> Result<v1::io_response::Result, BackendError> {
-        let s = self.stream().await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (w, r) = oneshot::channel();
-        s.pending.lock().insert(id, w);
-        if s.tx.send(v1::IoRequest { id, op: Some(op) }).await.is_err() {
-            s.pending.lock().remove(&id);
-            return Err(BackendError::Unavailable("I/O stream closed".into()));
-        }
-        match r.await {
-            Ok(Ok(v1::io_response::Result::Error(e))) => {
-                Err(map_status(tonic::Status::new(Code::from_i32(e.code), e.message)))
-            }
-            Ok(result) => result,
-            Err(_) => Err(BackendError::Unavailable("I/O stream dropped the request".into())),
-        }
-    }
-}
+/// A node's answer to one data request (possibly an `IoError`).
+type Reply = v1::io_response::Result;
 
 impl GrpcBackend {
-    /// Connects lazily to `endpoint` (e.g. `http://127.0.0.1:7700`): the frontend starts even
-    /// when the storage node is not up yet, and requests fail with EIO until it is.
-    pub fn connect_lazy(endpoint: &str) -> Result<Self, tonic::transport::Error> {
-        let ep = Endpoint::from_shared(endpoint.to_string())?
-            .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            // Large frames: a 1 MiB read comes back in a few frames instead of 64 of 16 KiB.
-            .max_frame_size(1 << 20);
-        let lanes = (0..DATA_LANES)
-            .map(|_| Lane {
-                client: BlockIoClient::new(ep.connect_lazy())
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20),
-                current: tokio::sync::Mutex::new(None),
-                next_id: AtomicU64::new(0),
-            })
-            .collect();
-        let admin = VolumeAdminClient::new(ep.connect_lazy());
-        Ok(Self { lanes: Arc::new(lanes), admin, next: Default::default() })
+    /// Connects lazily to `endpoints`: one gRPC endpoint (e.g. `http://127.0.0.1:7700`) or
+    /// several separated by commas, asked in order for the cluster map. The frontend starts
+    /// even when no storage node is up yet; requests fail with EIO until one is.
+    pub fn connect_lazy(endpoints: &str) -> Result<Self, tonic::transport::Error> {
+        let seeds = endpoints
+            .split(',')
+            .map(|e| Node::seed(e.trim()).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { inner: Arc::new(Inner { seeds, mode: OnceCell::new() }) })
     }
 
-    async fn call(&self, op: v1::io_request::Op) -> Result<v1::io_response::Result, BackendError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lanes[i % self.lanes.len()].call(op).await
+    /// How requests are routed, once known: the hot path's one check.
+    fn mode(&self) -> Option<&Mode> {
+        self.inner.mode.get()
+    }
+
+    /// Finds out how requests are routed (on the first request). Boxed, like the cluster's
+    /// paths below: every NBD request runs in a task of its own, sized by the largest path
+    /// inside, and the single-node path should not pay for the others.
+    fn discover_mode(
+        &self,
+    ) -> Pin<Box<impl Future<Output = Result<&Mode, BackendError>> + Send + '_>> {
+        Box::pin(self.inner.mode.get_or_try_init(|| self.discover()))
+    }
+
+    /// Asks the configured endpoints in order for the cluster map: the first answer decides.
+    async fn discover(&self) -> Result<Mode, BackendError> {
+        let mut failures = Vec::new();
+        let mut code = Code::Unavailable;
+        for seed in &self.inner.seeds {
+            match seed.cluster_map().await {
+                Ok(map) if map.groups == 0 => return Ok(single(seed)),
+                Ok(map) => match Cluster::new(map, self.inner.seeds.clone()) {
+                    Ok(c) => {
+                        info!(
+                            "storage cluster: {} members, {} chunk groups (map from {})",
+                            c.members(),
+                            c.groups(),
+                            seed.uri
+                        );
+                        return Ok(Mode::Cluster(Arc::new(c)));
+                    }
+                    Err(why) => failures.push(format!("{}: {why}", seed.uri)),
+                },
+                Err(s) if s.code() == Code::Unimplemented => return Ok(single(seed)),
+                Err(s) => {
+                    failures.push(format!("{}: {}", seed.uri, s.message()));
+                    code = s.code();
+                }
+            }
+        }
+        let why = format!("no storage node answered: {}", failures.join("; "));
+        Err(map_status(tonic::Status::new(code, why)))
+    }
+}
+
+fn single(node: &Arc<Node>) -> Mode {
+    info!("single storage node at {}", node.uri);
+    Mode::Single(node.clone())
+}
+
+/// One request to the single node: its `IoError` is the request's failure.
+async fn call_single(node: &Node, op: Op) -> Result<Reply, BackendError> {
+    match node.call(op).await? {
+        Reply::Error(e) => Err(map_status(io_status(e))),
+        reply => Ok(reply),
+    }
+}
+
+fn io_status(e: v1::IoError) -> tonic::Status {
+    tonic::Status::new(Code::from_i32(e.code), e.message)
+}
+
+/// Codes that mean "not now, or not here": worth another try elsewhere in a cluster.
+fn is_transient(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+}
+
+/// The one place a gRPC status becomes a [`BackendError`] (and so, later, an NBD errno).
+fn map_status(s: tonic::Status) -> BackendError {
+    match s.code() {
+        Code::NotFound => BackendError::NotFound,
+        Code::InvalidArgument | Code::OutOfRange => {
+            BackendError::InvalidArgument(s.message().to_string())
+        }
+        Code::PermissionDenied | Code::FailedPrecondition => BackendError::ReadOnly,
+        Code::ResourceExhausted => BackendError::NoSpace,
+        code if is_transient(code) => BackendError::Unavailable(s.message().to_string()),
+        _ => BackendError::Io(s.message().to_string()),
     }
 }
 
@@ -151,19 +193,72 @@ fn header(volume_id: u64) -> Option<v1::IoHeader> {
     Some(v1::IoHeader { volume_id, epoch: 0, generation: 0 })
 }
 
-fn map_status(s: tonic::Status) -> BackendError {
-    match s.code() {
-        Code::NotFound => BackendError::NotFound,
-        Code::InvalidArgument | Code::OutOfRange => {
-            BackendError::InvalidArgument(s.message().to_string())
-        }
-        Code::PermissionDenied | Code::FailedPrecondition => BackendError::ReadOnly,
-        Code::ResourceExhausted => BackendError::NoSpace,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-            BackendError::Unavailable(s.message().to_string())
-        }
-        _ => BackendError::Io(s.message().to_string()),
+fn read_op(volume_id: u64, offset: u64, length: u32) -> Op {
+    Op::Read(v1::ReadRequest { header: header(volume_id), offset, length })
+}
+
+fn write_op(volume_id: u64, offset: u64, data: Bytes, fua: bool) -> Op {
+    Op::Write(v1::WriteRequest { header: header(volume_id), offset, data, fua })
+}
+
+fn write_zeroes_op(volume_id: u64, offset: u64, length: u64, punch_hole: bool, fua: bool) -> Op {
+    Op::WriteZeroes(v1::WriteZeroesRequest {
+        header: header(volume_id),
+        offset,
+        length,
+        punch_hole,
+        fua,
+    })
+}
+
+fn trim_op(volume_id: u64, offset: u64, length: u64, fua: bool) -> Op {
+    Op::Trim(v1::TrimRequest { header: header(volume_id), offset, length, fua })
+}
+
+/// A flush of `group` (in a cluster; `None` for a single node).
+fn flush_op(volume_id: u64, group: Option<u32>) -> Op {
+    Op::Flush(v1::FlushRequest { header: header(volume_id), group })
+}
+
+fn block_status_op(volume_id: u64, offset: u64, length: u64) -> Op {
+    Op::BlockStatus(v1::BlockStatusRequest { header: header(volume_id), offset, length })
+}
+
+/// The data of a read reply, which must be `len` bytes long.
+fn read_data(reply: Reply, len: u64) -> Result<Bytes, BackendError> {
+    let Reply::Read(r) = reply else {
+        return Err(unexpected("a read"));
+    };
+    if r.data.len() as u64 != len {
+        return Err(BackendError::Io(format!(
+            "storage node returned {} bytes for a {len}-byte read",
+            r.data.len()
+        )));
     }
+    Ok(r.data)
+}
+
+/// The pieces of a read in order, as one buffer: copied only if there are several (the read
+/// crossed a chunk boundary).
+fn concat(mut pieces: Vec<Bytes>, len: usize) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    for p in &pieces {
+        buf.extend_from_slice(p);
+    }
+    buf.freeze()
+}
+
+fn extents(reply: Reply) -> Result<Vec<Extent>, BackendError> {
+    let Reply::BlockStatus(r) = reply else {
+        return Err(unexpected("a block status request"));
+    };
+    Ok(r.extents
+        .into_iter()
+        .map(|e| Extent { length: e.length, hole: e.hole, zero: e.zero })
+        .collect())
 }
 
 fn export_info(v: v1::Volume) -> ExportInfo {
@@ -181,30 +276,71 @@ impl Backend for GrpcBackend {
         let req = v1::GetVolumeRequest {
             volume: Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Name(name.to_string())) }),
         };
-        match self.admin.clone().get_volume(req).await {
-            Ok(r) => Ok(Some(export_info(r.into_inner()))),
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
+        };
+        let got = match mode {
+            Mode::Single(node) => {
+                node.admin().get_volume(req).await.map(tonic::Response::into_inner)
+            }
+            Mode::Cluster(c) => {
+                Box::pin(c.control(|mut admin| {
+                    let req = req.clone();
+                    async move { admin.get_volume(req).await }
+                }))
+                .await
+            }
+        };
+        match got {
+            Ok(v) => {
+                if let Mode::Cluster(c) = mode {
+                    c.remember_size(v.id, v.size_bytes);
+                }
+                Ok(Some(export_info(v)))
+            }
             Err(s) if s.code() == Code::NotFound || s.code() == Code::InvalidArgument => Ok(None),
             Err(s) => Err(map_status(s)),
         }
     }
 
     async fn list(&self) -> Result<Vec<ExportInfo>, BackendError> {
-        let r = self.admin.clone().list_volumes(v1::ListVolumesRequest {}).await;
-        Ok(r.map_err(map_status)?.into_inner().volumes.into_iter().map(export_info).collect())
+        let req = v1::ListVolumesRequest {};
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
+        };
+        let got = match mode {
+            Mode::Single(node) => {
+                node.admin().list_volumes(req).await.map(tonic::Response::into_inner)
+            }
+            Mode::Cluster(c) => {
+                Box::pin(c.control(|mut admin| async move { admin.list_volumes(req).await })).await
+            }
+        };
+        Ok(got.map_err(map_status)?.volumes.into_iter().map(export_info).collect())
     }
 
     async fn read(&self, volume_id: u64, offset: u64, len: u32) -> Result<Bytes, BackendError> {
-        let req = v1::ReadRequest { header: header(volume_id), offset, length: len };
-        let v1::io_response::Result::Read(r) = self.call(Op::Read(req)).await? else {
-            return Err(unexpected("a read"));
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
         };
-        if r.data.len() != len as usize {
-            return Err(BackendError::Io(format!(
-                "storage node returned {} bytes for a {len}-byte read",
-                r.data.len()
-            )));
+        match mode {
+            Mode::Single(node) => {
+                read_data(call_single(node, read_op(volume_id, offset, len)).await?, len.into())
+            }
+            Mode::Cluster(c) => {
+                // Pieces of a `len`-byte read fit in a u32.
+                let op = |p: Part| read_op(volume_id, p.offset, p.len as u32);
+                let replies = Box::pin(c.scatter(volume_id, offset, len.into(), op)).await?;
+                let pieces = chunk_parts(offset, len.into())
+                    .zip(replies)
+                    .map(|(p, reply)| read_data(reply, p.len))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(concat(pieces, len as usize))
+            }
         }
-        Ok(r.data)
     }
 
     async fn write(
@@ -214,8 +350,19 @@ impl Backend for GrpcBackend {
         data: Bytes,
         fua: bool,
     ) -> Result<(), BackendError> {
-        let req = v1::WriteRequest { header: header(volume_id), offset, data, fua };
-        self.call(Op::Write(req)).await.map(|_| ())
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
+        };
+        match mode {
+            Mode::Single(node) => {
+                call_single(node, write_op(volume_id, offset, data, fua)).await.map(drop)
+            }
+            Mode::Cluster(c) => {
+                let op = |p: Part| write_op(volume_id, p.offset, data.slice(p.within(offset)), fua);
+                Box::pin(c.scatter(volume_id, offset, data.len() as u64, op)).await.map(drop)
+            }
+        }
     }
 
     async fn write_zeroes(
@@ -226,14 +373,20 @@ impl Backend for GrpcBackend {
         punch_hole: bool,
         fua: bool,
     ) -> Result<(), BackendError> {
-        let req = v1::WriteZeroesRequest {
-            header: header(volume_id),
-            offset,
-            length: len,
-            punch_hole,
-            fua,
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
         };
-        self.call(Op::WriteZeroes(req)).await.map(|_| ())
+        match mode {
+            Mode::Single(node) => {
+                let op = write_zeroes_op(volume_id, offset, len, punch_hole, fua);
+                call_single(node, op).await.map(drop)
+            }
+            Mode::Cluster(c) => {
+                let op = |p: Part| write_zeroes_op(volume_id, p.offset, p.len, punch_hole, fua);
+                Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
+            }
+        }
     }
 
     async fn trim(
@@ -243,12 +396,32 @@ impl Backend for GrpcBackend {
         len: u64,
         fua: bool,
     ) -> Result<(), BackendError> {
-        let req = v1::TrimRequest { header: header(volume_id), offset, length: len, fua };
-        self.call(Op::Trim(req)).await.map(|_| ())
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
+        };
+        match mode {
+            Mode::Single(node) => {
+                call_single(node, trim_op(volume_id, offset, len, fua)).await.map(drop)
+            }
+            Mode::Cluster(c) => {
+                let op = |p: Part| trim_op(volume_id, p.offset, p.len, fua);
+                Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
+            }
+        }
     }
 
     async fn flush(&self, volume_id: u64) -> Result<(), BackendError> {
-        self.call(Op::Flush(v1::FlushRequest { header: header(volume_id) })).await.map(|_| ())
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
+        };
+        match mode {
+            Mode::Single(node) => call_single(node, flush_op(volume_id, None)).await.map(drop),
+            Mode::Cluster(c) => {
+                Box::pin(c.flush(volume_id, |g| flush_op(volume_id, Some(g)))).await
+            }
+        }
     }
 
     async fn block_status(
@@ -257,13 +430,70 @@ impl Backend for GrpcBackend {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>, BackendError> {
-        let req = v1::BlockStatusRequest { header: header(volume_id), offset, length: len };
-        let v1::io_response::Result::BlockStatus(r) = self.call(Op::BlockStatus(req)).await? else {
-            return Err(unexpected("a block status request"));
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
         };
-        Ok(r.extents
-            .into_iter()
-            .map(|e| Extent { length: e.length, hole: e.hole, zero: e.zero })
-            .collect())
+        let reply = match mode {
+            Mode::Single(node) => {
+                call_single(node, block_status_op(volume_id, offset, len)).await?
+            }
+            Mode::Cluster(c) => {
+                // Only the first chunk's piece: NBD lets a reply cover less than was asked.
+                let p = first_part(offset, len);
+                let op = block_status_op(volume_id, p.offset, p.len);
+                Box::pin(c.send(c.group_of(volume_id, p.chunk), op)).await?
+            }
+        };
+        extents(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_map_to_backend_errors() {
+        let m = |code| map_status(tonic::Status::new(code, "m"));
+        assert_eq!(m(Code::NotFound), BackendError::NotFound);
+        assert_eq!(m(Code::OutOfRange), BackendError::InvalidArgument("m".into()));
+        assert_eq!(m(Code::InvalidArgument), BackendError::InvalidArgument("m".into()));
+        assert_eq!(m(Code::PermissionDenied), BackendError::ReadOnly);
+        assert_eq!(m(Code::FailedPrecondition), BackendError::ReadOnly);
+        assert_eq!(m(Code::ResourceExhausted), BackendError::NoSpace);
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Cancelled] {
+            assert_eq!(m(code), BackendError::Unavailable("m".into()));
+        }
+        assert_eq!(m(Code::DataLoss), BackendError::Io("m".into()));
+        assert_eq!(m(Code::Internal), BackendError::Io("m".into()));
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_one_or_a_comma_list() {
+        let one = GrpcBackend::connect_lazy("http://127.0.0.1:7700").unwrap();
+        assert_eq!(one.inner.seeds.len(), 1);
+        let two =
+            GrpcBackend::connect_lazy("http://127.0.1.1:7700, http://127.0.2.1:7700").unwrap();
+        let uris: Vec<&str> = two.inner.seeds.iter().map(|s| s.uri.as_str()).collect();
+        assert_eq!(uris, ["http://127.0.1.1:7700", "http://127.0.2.1:7700"]);
+        assert!(GrpcBackend::connect_lazy("http://127.0.0.1:7700,").is_err());
+        assert!(GrpcBackend::connect_lazy("").is_err());
+    }
+
+    #[test]
+    fn reads_must_be_as_long_as_asked() {
+        let reply = |n: usize| Reply::Read(v1::ReadResponse { data: Bytes::from(vec![1u8; n]) });
+        assert_eq!(read_data(reply(512), 512).unwrap().len(), 512);
+        assert!(matches!(read_data(reply(511), 512), Err(BackendError::Io(_))));
+        assert!(matches!(read_data(Reply::Done(true), 512), Err(BackendError::Io(_))));
+    }
+
+    #[test]
+    fn read_pieces_are_joined_in_order() {
+        let one = Bytes::from_static(b"abc");
+        assert_eq!(concat(vec![one.clone()], 3).as_ptr(), one.as_ptr(), "one piece: no copy");
+        let two = concat(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")], 4);
+        assert_eq!(&two[..], b"abcd");
     }
 }

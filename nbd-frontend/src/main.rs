@@ -1,5 +1,5 @@
-//! `tern-nbd-frontend`: serves Tern volumes over NBD on a hypervisor host, as a client of a
-//! storage node. Thin: parse flags, connect, bind, serve until SIGTERM or SIGINT.
+//! `tern-nbd-frontend`: serves Tern volumes over NBD on a hypervisor host, as a client of the
+//! storage nodes. Thin: parse flags, connect, bind, serve until SIGTERM or SIGINT.
 
 use std::net::SocketAddr;
 
@@ -17,7 +17,8 @@ struct Args {
     /// Address the NBD server listens on.
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: SocketAddr,
-    /// gRPC endpoint of the storage node.
+    /// gRPC endpoints of the storage nodes, separated by commas. One is enough: the others of a
+    /// cluster are learned from it; more are tried in order when the first is down.
     #[arg(long, env = "TERN_STORAGE", default_value = "http://127.0.0.1:7700")]
     storage: String,
     /// Tokio worker threads (default: one per core).
@@ -37,7 +38,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     tern_common::init_logging();
     let backend = GrpcBackend::connect_lazy(&args.storage)
-        .with_context(|| format!("invalid storage endpoint {:?}", args.storage))?;
+        .with_context(|| format!("invalid storage endpoint in {:?}", args.storage))?;
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     info!(storage = %args.storage, "listening on {}", listener.local_addr()?);

@@ -47,7 +47,20 @@ pub enum Error {
     Serve(tonic::transport::Error),
     #[error("volume {0} was deleted")]
     VolumeDeleted(VolumeId),
+    #[error("this node does not lead chunk group {group} (leader: {leader:?})")]
+    NotLeader { group: u32, leader: Option<u64> },
+    #[error("replication unavailable: {0}")]
+    Unavailable(String),
+    #[error("no chunk group {0}")]
+    NoSuchGroup(u32),
+    #[error("request [{offset}, {offset}+{len}) crosses a chunk boundary; split it per chunk")]
+    CrossesChunk { offset: u64, len: u64 },
+    #[error("{message}")]
+    Refused { code: i32, message: String },
 }
+
+/// gRPC metadata key of the leader hint on a `NotLeader` status.
+pub const LEADER_HINT: &str = "x-tern-leader";
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -57,9 +70,13 @@ impl From<Error> for tonic::Status {
         let code = match &e {
             Error::VolumeNotFound(_) | Error::VolumeDeleted(_) => Code::NotFound,
             Error::VolumeExists(_) => Code::AlreadyExists,
-            Error::Input(_) | Error::TooLarge { .. } | Error::Unsupported(_) => {
-                Code::InvalidArgument
-            }
+            Error::Input(_)
+            | Error::TooLarge { .. }
+            | Error::Unsupported(_)
+            | Error::NoSuchGroup(_)
+            | Error::CrossesChunk { .. } => Code::InvalidArgument,
+            Error::NotLeader { .. } | Error::Unavailable(_) => Code::Unavailable,
+            Error::Refused { code, .. } => Code::from_i32(*code),
             Error::OutOfRange { .. } => Code::OutOfRange,
             Error::ReadOnly { .. } => Code::PermissionDenied,
             Error::ShrinkRefused { .. } => Code::FailedPrecondition,
@@ -77,6 +94,12 @@ impl From<Error> for tonic::Status {
             | Error::Bind { .. }
             | Error::Serve(_) => Code::Internal,
         };
-        tonic::Status::new(code, e.to_string())
+        let mut s = tonic::Status::new(code, e.to_string());
+        if let Error::NotLeader { leader: Some(l), .. } = e {
+            if let Ok(v) = l.to_string().parse() {
+                s.metadata_mut().insert(LEADER_HINT, v);
+            }
+        }
+        s
     }
 }

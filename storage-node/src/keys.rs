@@ -10,6 +10,8 @@
 //! | `0x01` | `0x01 | volume id u64`                           | volume record (JSON)        |
 //! | `0x02` | `0x02 | volume name`                             | volume id u64               |
 //! | `0x03` | `0x03 | volume u64 | chunk u32 | block u32 | !epoch u64` | block entry      |
+//! | `0x10` | `0x10 | group u32 | log index u64`        | Raft log entry (bincode)    |
+//! | `0x11` | `0x11 | group u32 | field u8`             | Raft group state (bincode)  |
 //!
 //! Block keys carry the epoch inverted (`u64::MAX - epoch`) so that, for one block, the newest
 //! version sorts first: a read at epoch E seeks to `!E` and takes the first key of that block.
@@ -20,6 +22,19 @@ pub const PREFIX_META: u8 = 0x00;
 pub const PREFIX_VOLUME: u8 = 0x01;
 pub const PREFIX_VOLUME_NAME: u8 = 0x02;
 pub const PREFIX_BLOCK: u8 = 0x03;
+pub const PREFIX_RAFT_LOG: u8 = 0x10;
+pub const PREFIX_RAFT_STATE: u8 = 0x11;
+
+/// The fields of a Raft group's persistent state (`0x11` keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RaftField {
+    Vote = 1,
+    Committed = 2,
+    LastPurged = 3,
+    /// The state machine's last applied log id and membership.
+    Applied = 4,
+}
 
 /// The epoch of the live head of a volume.
 pub const HEAD_EPOCH: u64 = 0;
@@ -119,6 +134,59 @@ pub fn blocks_from_chunk_range(volume: u64, chunk: u32) -> (Vec<u8>, Vec<u8>) {
     (chunk_blocks_range(volume, chunk).0, volume_blocks_range(volume).1)
 }
 
+pub const RAFT_LOG_KEY_LEN: usize = 1 + 4 + 8;
+
+pub fn raft_log_key(group: u32, index: u64) -> [u8; RAFT_LOG_KEY_LEN] {
+    let mut k = [0u8; RAFT_LOG_KEY_LEN];
+    k[0] = PREFIX_RAFT_LOG;
+    k[1..5].copy_from_slice(&group.to_be_bytes());
+    k[5..13].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// `(group, index)` of a Raft log key.
+pub fn parse_raft_log_key(k: &[u8]) -> Option<(u32, u64)> {
+    if k.len() != RAFT_LOG_KEY_LEN || k[0] != PREFIX_RAFT_LOG {
+        return None;
+    }
+    Some((
+        u32::from_be_bytes(k[1..5].try_into().ok()?),
+        u64::from_be_bytes(k[5..13].try_into().ok()?),
+    ))
+}
+
+/// `[start, end)` of a group's log entries with index in `[from, to)`.
+pub fn raft_log_range(
+    group: u32,
+    from: u64,
+    to: u64,
+) -> ([u8; RAFT_LOG_KEY_LEN], [u8; RAFT_LOG_KEY_LEN]) {
+    (raft_log_key(group, from), raft_log_key(group, to))
+}
+
+/// `[start, end)` of all of a group's log entries.
+pub fn raft_group_log_range(group: u32) -> (Vec<u8>, Vec<u8>) {
+    let mut start = vec![PREFIX_RAFT_LOG];
+    start.extend_from_slice(&group.to_be_bytes());
+    let end = match group.checked_add(1) {
+        Some(g) => {
+            let mut e = vec![PREFIX_RAFT_LOG];
+            e.extend_from_slice(&g.to_be_bytes());
+            e
+        }
+        None => vec![PREFIX_RAFT_LOG + 1],
+    };
+    (start, end)
+}
+
+pub fn raft_state_key(group: u32, field: RaftField) -> [u8; 6] {
+    let mut k = [0u8; 6];
+    k[0] = PREFIX_RAFT_STATE;
+    k[1..5].copy_from_slice(&group.to_be_bytes());
+    k[5] = field as u8;
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +227,15 @@ mod tests {
             let by_fields = (a.0, a.1, a.2, std::cmp::Reverse(a.3))
                 .cmp(&(b.0, b.1, b.2, std::cmp::Reverse(b.3)));
             prop_assert_eq!(block_key(ka).cmp(&block_key(kb)), by_fields);
+        }
+
+        #[test]
+        fn raft_log_keys_round_trip_and_sort(a: (u32, u64), b: (u32, u64)) {
+            prop_assert_eq!(parse_raft_log_key(&raft_log_key(a.0, a.1)), Some(a));
+            prop_assert_eq!(raft_log_key(a.0, a.1).cmp(&raft_log_key(b.0, b.1)), a.cmp(&b));
+            let (s, e) = raft_group_log_range(a.0);
+            let k = raft_log_key(a.0, a.1);
+            prop_assert!(s.as_slice() <= &k[..] && &k[..] < e.as_slice());
         }
 
         #[test]

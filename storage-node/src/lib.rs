@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod keys;
 pub mod meta;
+pub mod replication;
 pub mod service;
 pub mod store;
 
@@ -20,7 +21,10 @@ pub use error::{Error, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tern_proto::v1::{block_io_server::BlockIoServer, volume_admin_server::VolumeAdminServer};
+use tern_proto::v1::{
+    block_io_server::BlockIoServer, cluster_server::ClusterServer,
+    raft_transport_server::RaftTransportServer, volume_admin_server::VolumeAdminServer,
+};
 
 /// Serves the node's gRPC services on `addr` until `shutdown` resolves.
 pub async fn serve(
@@ -28,12 +32,18 @@ pub async fn serve(
     addr: SocketAddr,
     node_id: u64,
     datacenter: String,
+    cluster: Option<Arc<replication::Cluster>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
     let _bg = store.spawn_background();
-    let svc = service::Service::new(store.clone(), node_id, datacenter);
+    let svc = service::Service::new(store.clone(), node_id, datacenter, cluster.clone());
+    let transport = cluster.map(|cluster| {
+        RaftTransportServer::new(replication::transport::TransportService { cluster })
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    });
     tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "storage node listening");
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it here, or
     // every small reply waits for the peer's delayed ACK (40 ms).
@@ -50,7 +60,9 @@ pub async fn serve(
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )
-        .add_service(VolumeAdminServer::new(svc))
+        .add_service(VolumeAdminServer::new(svc.clone()))
+        .add_service(ClusterServer::new(svc))
+        .add_optional_service(transport)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use tern_storage_node::engine::EngineKind;
+use tern_storage_node::replication::{Cluster, ClusterConfig};
 use tern_storage_node::store::{ChunkStore, StoreConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -38,6 +39,21 @@ struct Args {
     /// Datacenter label of this node.
     #[arg(long, default_value = "dc1")]
     datacenter: String,
+    /// Run as a member of a replicated cluster: every member as ID=HOST:PORT@DATACENTER,
+    /// comma-separated, one per datacenter (this node included, under --node-id). Without
+    /// it the node serves `local` volumes alone.
+    #[arg(long, env = "TERN_CLUSTER")]
+    cluster: Option<String>,
+    /// Data chunk groups (Raft groups) of the cluster; fixed when the cluster is created.
+    #[arg(long, default_value_t = 32)]
+    groups: u32,
+    /// Accept the test-only fault switch (RaftTransport.SetFaults).
+    #[arg(long)]
+    fault_injection: bool,
+    /// TESTS ONLY, LOSES DATA: acknowledge writes from the group leader's own store without
+    /// replicating them (shows that the fault suite catches lost writes).
+    #[arg(long, hide = true)]
+    unsafe_no_replication: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +73,34 @@ fn main() -> anyhow::Result<()> {
             },
             direct_io: args.direct_io,
         })?;
+        let cluster = match &args.cluster {
+            None => None,
+            Some(list) => {
+                let nodes = ClusterConfig::parse_nodes(list).map_err(anyhow::Error::msg)?;
+                if let Some(me) = nodes.iter().find(|n| n.id == args.node_id) {
+                    if me.datacenter != args.datacenter {
+                        anyhow::bail!(
+                            "--datacenter {} disagrees with the cluster list ({})",
+                            args.datacenter,
+                            me.datacenter
+                        );
+                    }
+                }
+                let cfg = ClusterConfig {
+                    node_id: args.node_id,
+                    nodes,
+                    groups: args.groups,
+                    fault_injection: args.fault_injection,
+                    unsafe_no_replication: args.unsafe_no_replication,
+                };
+                if cfg.unsafe_no_replication {
+                    tracing::warn!(
+                        "--unsafe-no-replication: acknowledged writes are NOT replicated"
+                    );
+                }
+                Some(Cluster::start(cfg, store.clone(), store.meta()).await?)
+            }
+        };
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -67,8 +111,15 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        tern_storage_node::serve(store, args.listen, args.node_id, args.datacenter, shutdown)
-            .await?;
+        tern_storage_node::serve(
+            store,
+            args.listen,
+            args.node_id,
+            args.datacenter,
+            cluster,
+            shutdown,
+        )
+        .await?;
         anyhow::Ok(())
     })
 }

@@ -196,6 +196,83 @@ impl MetaStore {
         Ok(out)
     }
 
+    // ----- Raft groups (log and state; the layout is in `keys`) ---------------------------
+
+    /// Appends encoded log entries `(index, bytes)` of `group` in one batch. Written to the
+    /// WAL, not synced: the log store's flusher runs a barrier when an entry needs it.
+    pub fn raft_append(&self, group: u32, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        for (index, bytes) in entries {
+            b.put(keys::raft_log_key(group, *index), bytes);
+        }
+        self.write(b, false)
+    }
+
+    /// Encoded log entries of `group` with index in `[from, to)`, in order.
+    pub fn raft_entries(&self, group: u32, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let (s, e) = keys::raft_log_range(group, from, to);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(e.to_vec());
+        let mut out = Vec::new();
+        for item in self.db.iterator_opt(IteratorMode::From(&s, Direction::Forward), ro) {
+            let (k, v) = item?;
+            let (_, index) = keys::parse_raft_log_key(&k).ok_or_else(|| Error::CorruptMeta {
+                key: format!("{k:02x?}"),
+                what: "not a Raft log key".into(),
+            })?;
+            out.push((index, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last log entry of `group`, if any.
+    pub fn raft_last_entry(&self, group: u32) -> Result<Option<Vec<u8>>> {
+        let (s, e) = keys::raft_group_log_range(group);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(s);
+        let mut it = self.db.iterator_opt(IteratorMode::From(&e, Direction::Reverse), ro);
+        match it.next() {
+            Some(item) => Ok(Some(item?.1.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes `group`'s log entries with index in `[from, to)`, with `state` updates in the
+    /// same batch (e.g. the last purged log id).
+    pub fn raft_delete(
+        &self,
+        group: u32,
+        from: u64,
+        to: u64,
+        state: Option<(keys::RaftField, Vec<u8>)>,
+    ) -> Result<()> {
+        let mut b = WriteBatch::default();
+        let (s, e) = keys::raft_log_range(group, from, to);
+        b.delete_range(s, e);
+        if let Some((field, v)) = state {
+            b.put(keys::raft_state_key(group, field), v);
+        }
+        self.write(b, false)
+    }
+
+    pub fn raft_state(&self, group: u32, field: keys::RaftField) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(keys::raft_state_key(group, field))?)
+    }
+
+    /// Stores one field of a group's state; `sync` for what must survive power loss before
+    /// the caller goes on (the vote).
+    pub fn put_raft_state(
+        &self,
+        group: u32,
+        field: keys::RaftField,
+        value: &[u8],
+        sync: bool,
+    ) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put(keys::raft_state_key(group, field), value);
+        self.write(b, sync)
+    }
+
     /// Applies head-epoch block updates in one atomic batch (WAL written, not synced: see
     /// the module comment).
     pub fn write_entries(&self, volume: u64, chunk: u32, updates: &[(u32, Entry)]) -> Result<()> {

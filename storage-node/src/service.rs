@@ -2,34 +2,92 @@
 //! types to [`ChunkStore`] calls. Errors become gRPC statuses through
 //! `From<Error> for tonic::Status` only.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tern_proto::v1::{
-    self, block_io_server::BlockIo, volume_admin_server::VolumeAdmin, volume_ref,
+    self, block_io_server::BlockIo, cluster_server, volume_admin_client::VolumeAdminClient,
+    volume_admin_server::VolumeAdmin, volume_ref,
 };
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
+use crate::error::{Error, LEADER_HINT};
 use crate::meta::Entry;
+use crate::replication::{Cluster, Cmd, Reply};
 use crate::store::{ChunkStore, NewVolume, Volume};
+
+/// Metadata marking an admin request another node forwarded to its meta group leader: it is
+/// not forwarded again (no loops while leadership moves).
+const FORWARDED: &str = "x-tern-forwarded";
 
 #[derive(Clone)]
 pub struct Service {
     store: Arc<ChunkStore>,
     node_id: u64,
     datacenter: String,
+    /// Set when this node is part of a replicated cluster.
+    cluster: Option<Arc<Cluster>>,
+    admin_peers: Arc<Mutex<HashMap<u64, VolumeAdminClient<Channel>>>>,
 }
 
 impl Service {
-    pub fn new(store: Arc<ChunkStore>, node_id: u64, datacenter: String) -> Self {
-        Self { store, node_id, datacenter }
+    pub fn new(
+        store: Arc<ChunkStore>,
+        node_id: u64,
+        datacenter: String,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
+        Self { store, node_id, datacenter, cluster, admin_peers: Arc::default() }
     }
 
-    fn volume_ref(&self, r: Option<v1::VolumeRef>) -> Result<Arc<Volume>, Status> {
+    /// The admin client of another node (the meta group's leader), for forwarding.
+    fn peer_admin(&self, node: u64) -> Result<VolumeAdminClient<Channel>, Status> {
+        let c = self.cluster.as_ref().ok_or_else(|| Status::internal("not a cluster"))?;
+        let mut peers = self.admin_peers.lock();
+        if let Some(p) = peers.get(&node) {
+            return Ok(p.clone());
+        }
+        let addr = c
+            .address_of(node)
+            .ok_or_else(|| Status::unavailable(format!("meta leader {node} is not a member")))?;
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(2));
+        let client = VolumeAdminClient::new(ep.connect_lazy());
+        peers.insert(node, client.clone());
+        Ok(client)
+    }
+
+    /// Whether an admin call failed only because another node leads the meta group, and may
+    /// be forwarded there: returns that node.
+    fn forward_to<T>(&self, r: &Result<T, Error>, forwarded: bool) -> Option<u64> {
+        match r {
+            Err(Error::NotLeader { leader: Some(l), .. }) if !forwarded && *l != self.node_id => {
+                Some(*l)
+            }
+            _ => None,
+        }
+    }
+
+    /// Proposes a meta command; returns the volume it created or changed, if any.
+    async fn propose_meta(&self, c: &Cluster, cmd: Cmd) -> Result<Option<u64>, Error> {
+        match c.propose(tern_common::META_GROUP, cmd).await? {
+            Reply::Volume(id) => Ok(Some(id)),
+            r => Cluster::done(r).map(|()| None),
+        }
+    }
+
+    /// A volume record read linearizably from the meta group (cluster) or locally.
+    async fn linear_volume(&self, r: Option<v1::VolumeRef>) -> Result<Arc<Volume>, Error> {
+        if let Some(c) = &self.cluster {
+            c.linearize(tern_common::META_GROUP).await?;
+        }
         match r.and_then(|r| r.r#ref) {
-            Some(volume_ref::Ref::Id(id)) => Ok(self.store.get(id)?),
-            Some(volume_ref::Ref::Name(name)) => Ok(self.store.get_by_name(&name)?),
-            None => Err(Status::invalid_argument("no volume given (id or name)")),
+            Some(volume_ref::Ref::Id(id)) => self.store.get(id),
+            Some(volume_ref::Ref::Name(name)) => self.store.get_by_name(&name),
+            None => Err(Error::Unsupported("a request without a volume (id or name)")),
         }
     }
 
@@ -51,7 +109,11 @@ fn to_wire(v: &Volume) -> v1::Volume {
         size_bytes: r.size,
         block_size: tern_common::BLOCK_SIZE as u32,
         chunk_size: tern_common::CHUNK_SIZE,
-        storage_class: v1::StorageClass::Local as i32,
+        storage_class: if r.storage_class == "replicated" {
+            v1::StorageClass::Replicated as i32
+        } else {
+            v1::StorageClass::Local as i32
+        },
         read_only: r.read_only,
         created_at: r.created_at,
         allocated_bytes: v.allocated_bytes(),
@@ -60,80 +122,176 @@ fn to_wire(v: &Volume) -> v1::Volume {
     }
 }
 
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().get(FORWARDED).is_some()
+}
+
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Service {
+    async fn create_here(&self, r: v1::CreateVolumeRequest) -> Result<Arc<Volume>, Error> {
+        let class = v1::StorageClass::try_from(r.storage_class)
+            .map_err(|_| Error::Unsupported("unknown storage class"))?;
+        let labels = r.labels.into_iter().collect();
+        let Some(c) = &self.cluster else {
+            if class == v1::StorageClass::Replicated {
+                return Err(Error::Unsupported(
+                    "storage class 'replicated' needs a cluster; this node serves 'local' only",
+                ));
+            }
+            let new = NewVolume {
+                name: r.name,
+                size: r.size_bytes,
+                read_only: r.read_only,
+                tenant: r.tenant,
+                labels,
+                ..Default::default()
+            };
+            return self.store.create_volume(new).await;
+        };
+        if class == v1::StorageClass::Local {
+            return Err(Error::Unsupported(
+                "storage class 'local' on a cluster needs the volume manager's placement; \
+                 create a 'replicated' volume",
+            ));
+        }
+        tern_common::validate_volume_name(&r.name)?;
+        tern_common::validate_volume_size(r.size_bytes)?;
+        let cmd = Cmd::CreateVolume {
+            name: r.name,
+            size: r.size_bytes,
+            read_only: r.read_only,
+            tenant: r.tenant,
+            labels,
+            created_at: now_secs(),
+        };
+        let id =
+            self.propose_meta(c, cmd).await?.ok_or(Error::Unavailable("no volume id".into()))?;
+        self.store.get(id)
+    }
+
+    async fn resize_here(&self, r: v1::ResizeVolumeRequest) -> Result<Arc<Volume>, Error> {
+        let v = self.linear_volume(r.volume).await?;
+        let Some(c) = &self.cluster else {
+            self.store.resize_volume(&v, r.size_bytes, r.allow_shrink).await?;
+            return Ok(v);
+        };
+        tern_common::validate_volume_size(r.size_bytes)?;
+        if r.size_bytes < v.record().size {
+            return Err(Error::Unsupported("shrinking a replicated volume (not built yet)"));
+        }
+        self.propose_meta(c, Cmd::ResizeVolume { id: v.id.0, size: r.size_bytes }).await?;
+        Ok(v)
+    }
+
+    async fn update_here(&self, r: v1::UpdateVolumeRequest) -> Result<Arc<Volume>, Error> {
+        let v = self.linear_volume(r.volume).await?;
+        if let Some(ro) = r.read_only {
+            match &self.cluster {
+                None => self.store.set_read_only(&v, ro).await?,
+                Some(c) => {
+                    self.propose_meta(c, Cmd::SetReadOnly { id: v.id.0, read_only: ro }).await?;
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    async fn delete_here(&self, r: v1::DeleteVolumeRequest) -> Result<(), Error> {
+        let v = self.linear_volume(r.volume).await?;
+        match &self.cluster {
+            None => self.store.delete_volume(&v).await,
+            Some(c) => self.propose_meta(c, Cmd::DeleteVolume { id: v.id.0 }).await.map(|_| ()),
+        }
+    }
+
+    async fn list_here(&self) -> Result<Vec<v1::Volume>, Error> {
+        if let Some(c) = &self.cluster {
+            c.linearize(tern_common::META_GROUP).await?;
+        }
+        Ok(self.store.list().iter().map(|v| to_wire(v)).collect())
+    }
+}
+
+/// Runs an admin call here, or forwards it once to the meta group's leader.
+macro_rules! admin_call {
+    ($self:ident, $req:ident, $here:ident, $remote:ident, $ok:expr) => {{
+        let fwd = is_forwarded(&$req);
+        let msg = $req.into_inner();
+        let r = $self.$here(msg.clone()).await;
+        match $self.forward_to(&r, fwd) {
+            Some(leader) => $self.peer_admin(leader)?.$remote(forwarded(msg)).await,
+            None => Ok(Response::new($ok(r?))),
+        }
+    }};
+}
+
 #[tonic::async_trait]
 impl VolumeAdmin for Service {
     async fn create_volume(
         &self,
         req: Request<v1::CreateVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
-        let r = req.into_inner();
-        match v1::StorageClass::try_from(r.storage_class) {
-            Ok(v1::StorageClass::Unspecified | v1::StorageClass::Local) => {}
-            Ok(v1::StorageClass::Replicated) => {
-                return Err(Status::invalid_argument(
-                    "storage class 'replicated' needs a cluster; this node serves 'local' only",
-                ))
-            }
-            Err(_) => return Err(Status::invalid_argument("unknown storage class")),
-        }
-        let v = self
-            .store
-            .create_volume(NewVolume {
-                name: r.name,
-                size: r.size_bytes,
-                read_only: r.read_only,
-                tenant: r.tenant,
-                labels: r.labels.into_iter().collect(),
-            })
-            .await?;
-        Ok(Response::new(to_wire(&v)))
+        admin_call!(self, req, create_here, create_volume, |v: Arc<Volume>| to_wire(&v))
     }
 
     async fn get_volume(
         &self,
         req: Request<v1::GetVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
-        let v = self.volume_ref(req.into_inner().volume)?;
-        Ok(Response::new(to_wire(&v)))
+        let fwd = is_forwarded(&req);
+        let msg = req.into_inner();
+        let r = self.linear_volume(msg.volume.clone()).await;
+        match self.forward_to(&r, fwd) {
+            Some(leader) => self.peer_admin(leader)?.get_volume(forwarded(msg)).await,
+            None => {
+                let v = r?;
+                Ok(Response::new(to_wire(&v)))
+            }
+        }
     }
 
     async fn list_volumes(
         &self,
-        _req: Request<v1::ListVolumesRequest>,
+        req: Request<v1::ListVolumesRequest>,
     ) -> Result<Response<v1::ListVolumesResponse>, Status> {
-        let volumes = self.store.list().iter().map(|v| to_wire(v)).collect();
-        Ok(Response::new(v1::ListVolumesResponse { volumes }))
+        let fwd = is_forwarded(&req);
+        let r = self.list_here().await;
+        match self.forward_to(&r, fwd) {
+            Some(leader) => {
+                self.peer_admin(leader)?.list_volumes(forwarded(v1::ListVolumesRequest {})).await
+            }
+            None => Ok(Response::new(v1::ListVolumesResponse { volumes: r? })),
+        }
     }
 
     async fn resize_volume(
         &self,
         req: Request<v1::ResizeVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
-        let r = req.into_inner();
-        let v = self.volume_ref(r.volume)?;
-        self.store.resize_volume(&v, r.size_bytes, r.allow_shrink).await?;
-        Ok(Response::new(to_wire(&v)))
+        admin_call!(self, req, resize_here, resize_volume, |v: Arc<Volume>| to_wire(&v))
     }
 
     async fn update_volume(
         &self,
         req: Request<v1::UpdateVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
-        let r = req.into_inner();
-        let v = self.volume_ref(r.volume)?;
-        if let Some(ro) = r.read_only {
-            self.store.set_read_only(&v, ro).await?;
-        }
-        Ok(Response::new(to_wire(&v)))
+        admin_call!(self, req, update_here, update_volume, |v: Arc<Volume>| to_wire(&v))
     }
 
     async fn delete_volume(
         &self,
         req: Request<v1::DeleteVolumeRequest>,
     ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
-        let v = self.volume_ref(req.into_inner().volume)?;
-        self.store.delete_volume(&v).await?;
-        Ok(Response::new(v1::DeleteVolumeResponse {}))
+        admin_call!(self, req, delete_here, delete_volume, |()| v1::DeleteVolumeResponse {})
     }
 
     async fn node_status(
@@ -156,50 +314,84 @@ impl VolumeAdmin for Service {
 
 /// The data operations, shared by the unary calls and the `Io` stream.
 impl Service {
+    /// The volume of a data request. On a cluster, a volume this node has not learned of yet
+    /// (its creation is committed but not applied here) is UNAVAILABLE, so clients retry.
+    fn data_volume(&self, h: Option<v1::IoHeader>) -> Result<Arc<Volume>, Status> {
+        match self.volume_by_header(h) {
+            Err(s) if s.code() == tonic::Code::NotFound && self.cluster.is_some() => {
+                Err(Status::unavailable(format!("{} (not yet known to this node)", s.message())))
+            }
+            r => r,
+        }
+    }
+
     async fn do_read(&self, r: v1::ReadRequest) -> Result<v1::ReadResponse, Status> {
-        let v = self.volume_by_header(r.header)?;
-        let data = self.store.read(&v, r.offset, u64::from(r.length)).await?;
+        let v = self.data_volume(r.header)?;
+        let len = u64::from(r.length);
+        let data = match &self.cluster {
+            Some(c) => c.read(&v, r.offset, len).await?,
+            None => self.store.read(&v, r.offset, len).await?,
+        };
         Ok(v1::ReadResponse { data })
     }
 
     async fn do_write(&self, r: v1::WriteRequest) -> Result<(), Status> {
-        let v = self.volume_by_header(r.header)?;
-        Ok(self.store.write(&v, r.offset, r.data, r.fua).await?)
+        let v = self.data_volume(r.header)?;
+        match &self.cluster {
+            Some(c) => c.write(&v, r.offset, r.data, r.fua).await?,
+            None => self.store.write(&v, r.offset, r.data, r.fua).await?,
+        }
+        Ok(())
     }
 
     async fn do_write_zeroes(&self, r: v1::WriteZeroesRequest) -> Result<(), Status> {
-        let v = self.volume_by_header(r.header)?;
-        Ok(self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?)
+        let v = self.data_volume(r.header)?;
+        match &self.cluster {
+            Some(c) => c.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?,
+            None => self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?,
+        }
+        Ok(())
     }
 
     async fn do_trim(&self, r: v1::TrimRequest) -> Result<(), Status> {
-        let v = self.volume_by_header(r.header)?;
-        Ok(self.store.trim(&v, r.offset, r.length, r.fua).await?)
+        let v = self.data_volume(r.header)?;
+        match &self.cluster {
+            Some(c) => c.trim(&v, r.offset, r.length, r.fua).await?,
+            None => self.store.trim(&v, r.offset, r.length, r.fua).await?,
+        }
+        Ok(())
     }
 
     async fn do_flush(&self, r: v1::FlushRequest) -> Result<(), Status> {
-        // The barrier covers every volume of the node: a flush on one connection covers the
-        // writes completed on all of them (NBD multi-conn).
-        let _ = self.volume_by_header(r.header)?;
-        Ok(self.store.barrier().await?)
+        let v = self.data_volume(r.header)?;
+        match (&self.cluster, r.group) {
+            // One chunk group per request: the frontend sends one to each group's leader.
+            (Some(c), Some(g)) => Ok(c.flush(&v, g).await?),
+            (Some(_), None) => Err(Status::invalid_argument(
+                "a flush on a replicated cluster names its chunk group",
+            )),
+            // The barrier covers every volume of the node: a flush on one connection covers
+            // the writes completed on all of them (NBD multi-conn).
+            (None, _) => Ok(self.store.barrier().await?),
+        }
     }
 
     async fn do_block_status(
         &self,
         r: v1::BlockStatusRequest,
     ) -> Result<v1::BlockStatusResponse, Status> {
-        let v = self.volume_by_header(r.header)?;
-        let extents = self
-            .store
-            .block_status(&v, r.offset, r.length)
-            .await?
-            .into_iter()
-            .map(|(length, e)| v1::Extent {
-                length,
-                hole: e == Entry::Hole,
-                zero: matches!(e, Entry::Hole | Entry::Zero),
-            })
-            .collect();
+        let v = self.data_volume(r.header)?;
+        let extents = match &self.cluster {
+            Some(c) => c.block_status(&v, r.offset, r.length).await?,
+            None => self.store.block_status(&v, r.offset, r.length).await?,
+        }
+        .into_iter()
+        .map(|(length, e)| v1::Extent {
+            length,
+            hole: e == Entry::Hole,
+            zero: matches!(e, Entry::Hole | Entry::Zero),
+        })
+        .collect();
         Ok(v1::BlockStatusResponse { extents })
     }
 
@@ -222,7 +414,16 @@ impl Service {
             None => Err(Status::invalid_argument("I/O request without an operation")),
         };
         let result = result.unwrap_or_else(|s| {
-            R::Error(v1::IoError { code: s.code() as i32, message: s.message().to_string() })
+            let leader = s
+                .metadata()
+                .get(LEADER_HINT)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            R::Error(v1::IoError {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+                leader,
+            })
         });
         v1::IoResponse { id: req.id, result: Some(result) }
     }
@@ -321,5 +522,43 @@ impl BlockIo for Service {
         req: Request<v1::BlockStatusRequest>,
     ) -> Result<Response<v1::BlockStatusResponse>, Status> {
         Ok(Response::new(self.do_block_status(req.into_inner()).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for Service {
+    async fn get_cluster_map(
+        &self,
+        _req: Request<v1::GetClusterMapRequest>,
+    ) -> Result<Response<v1::ClusterMap>, Status> {
+        let Some(c) = &self.cluster else {
+            return Ok(Response::new(v1::ClusterMap {
+                self_id: self.node_id,
+                nodes: Vec::new(),
+                groups: 0,
+                group_state: Vec::new(),
+            }));
+        };
+        let cfg = c.config();
+        let nodes = cfg
+            .nodes
+            .iter()
+            .map(|n| v1::NodeInfo {
+                id: n.id,
+                address: n.address.clone(),
+                datacenter: n.datacenter.clone(),
+            })
+            .collect();
+        let group_state = c
+            .group_states()
+            .into_iter()
+            .map(|(group, leader, term)| v1::GroupInfo { group, leader: leader.unwrap_or(0), term })
+            .collect();
+        Ok(Response::new(v1::ClusterMap {
+            self_id: self.node_id,
+            nodes,
+            groups: cfg.groups,
+            group_state,
+        }))
     }
 }

@@ -69,6 +69,15 @@ impl Volume {
     }
 }
 
+/// What [`ChunkStore::admit`] checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Read,
+    Write,
+    /// A replicated operation applied from the log (checked by the leader, never here).
+    Apply,
+}
+
 #[derive(Default)]
 struct Registry {
     by_id: BTreeMap<u64, Arc<Volume>>,
@@ -78,8 +87,15 @@ struct Registry {
 /// Parameters of a volume to create.
 #[derive(Clone, Debug, Default)]
 pub struct NewVolume {
+    /// Replicated volumes get their id from the Raft log (the index of the entry that created
+    /// them, the same on every replica); `None` allocates the next local id.
+    pub id: Option<u64>,
     pub name: String,
     pub size: u64,
+    /// `"local"` (the default when empty) or `"replicated"`.
+    pub storage_class: String,
+    /// Unix seconds; `None` = now. Replicated volumes carry the leader's clock.
+    pub created_at: Option<u64>,
     pub read_only: bool,
     pub tenant: String,
     pub labels: BTreeMap<String, String>,
@@ -95,6 +111,9 @@ pub struct ChunkStore {
     /// Chunks written since the last barrier took the list.
     dirty: Mutex<Vec<Arc<Chunk>>>,
     barrier_lock: tokio::sync::Mutex<()>,
+    /// Barrier tickets: requests taken, and the highest request a finished barrier covered.
+    barrier_requests: AtomicU64,
+    barrier_covered: AtomicU64,
     pending_slots: AtomicU64,
     /// The dirty list went from empty to non-empty.
     dirty_started: tokio::sync::Notify,
@@ -168,6 +187,8 @@ impl ChunkStore {
             admin: tokio::sync::Mutex::new(()),
             dirty: Mutex::new(Vec::new()),
             barrier_lock: tokio::sync::Mutex::new(()),
+            barrier_requests: AtomicU64::new(0),
+            barrier_covered: AtomicU64::new(0),
             pending_slots: AtomicU64::new(0),
             dirty_started: tokio::sync::Notify::new(),
             threshold_hit: tokio::sync::Notify::new(),
@@ -175,6 +196,11 @@ impl ChunkStore {
             direct_io_active: std::sync::atomic::AtomicBool::new(cfg.direct_io),
             cfg,
         }))
+    }
+
+    /// The node's metadata store (shared with the Raft logs of a cluster).
+    pub fn meta(&self) -> Arc<MetaStore> {
+        self.meta.clone()
     }
 
     pub fn engine_name(&self) -> &'static str {
@@ -233,14 +259,21 @@ impl ChunkStore {
         if self.volumes.read().by_name.contains_key(&new.name) {
             return Err(Error::VolumeExists(new.name));
         }
-        let id = self.meta.next_volume_id()?;
+        let id = match new.id {
+            Some(id) => id,
+            None => self.meta.next_volume_id()?,
+        };
         let rec = VolumeRecord {
             id,
             name: new.name.clone(),
             size: new.size,
             read_only: new.read_only,
-            created_at: now_secs(),
-            storage_class: "local".into(),
+            created_at: new.created_at.unwrap_or_else(now_secs),
+            storage_class: if new.storage_class.is_empty() {
+                "local".into()
+            } else {
+                new.storage_class
+            },
             tenant: new.tenant,
             labels: new.labels,
         };
@@ -385,12 +418,19 @@ impl ChunkStore {
         v: &'a Volume,
         offset: u64,
         len: u64,
-        write: bool,
+        mode: Admit,
     ) -> Result<tokio::sync::RwLockReadGuard<'a, bool>> {
         let gate = v.gate.read().await;
         if *gate {
             return Err(Error::VolumeDeleted(v.id));
         }
+        let write = match mode {
+            Admit::Read => false,
+            Admit::Write => true,
+            // Replicated writes were checked by the group leader before they entered the log;
+            // every replica applies them unconditionally so that all replicas stay identical.
+            Admit::Apply => return Ok(gate),
+        };
         let rec = v.record.read();
         if write && rec.read_only {
             return Err(Error::ReadOnly { volume: v.id });
@@ -411,7 +451,7 @@ impl ChunkStore {
         if len > MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: MAX_IO_SIZE });
         }
-        let _gate = self.admit(v, offset, len, false).await?;
+        let _gate = self.admit(v, offset, len, Admit::Read).await?;
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -527,11 +567,27 @@ impl ChunkStore {
     /// Writes `data` at `offset` (any alignment; sub-block edges are read-modify-written).
     /// With `fua`, the write is durable before this returns.
     pub async fn write(&self, v: &Volume, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_as(v, offset, data, fua, Admit::Write).await
+    }
+
+    /// [`Self::write`] of a replicated write applied from the Raft log: not re-checked.
+    pub async fn apply_write(&self, v: &Volume, offset: u64, data: Bytes) -> Result<()> {
+        self.write_as(v, offset, data, false, Admit::Apply).await
+    }
+
+    async fn write_as(
+        &self,
+        v: &Volume,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        mode: Admit,
+    ) -> Result<()> {
         let len = data.len() as u64;
         if len > MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: MAX_IO_SIZE });
         }
-        let gate = self.admit(v, offset, len, true).await?;
+        let gate = self.admit(v, offset, len, mode).await?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -698,7 +754,30 @@ impl ChunkStore {
         punch: bool,
         fua: bool,
     ) -> Result<()> {
-        let gate = self.admit(v, offset, len, true).await?;
+        self.write_zeroes_as(v, offset, len, punch, fua, Admit::Write).await
+    }
+
+    /// [`Self::write_zeroes`] applied from the Raft log: not re-checked.
+    pub async fn apply_write_zeroes(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        punch: bool,
+    ) -> Result<()> {
+        self.write_zeroes_as(v, offset, len, punch, false, Admit::Apply).await
+    }
+
+    async fn write_zeroes_as(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+        mode: Admit,
+    ) -> Result<()> {
+        let gate = self.admit(v, offset, len, mode).await?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -716,7 +795,23 @@ impl ChunkStore {
     /// Discards the whole blocks of `[offset, offset + len)`; they read back as zeros.
     /// Partial blocks at the edges are left alone (trim is advisory).
     pub async fn trim(&self, v: &Volume, offset: u64, len: u64, fua: bool) -> Result<()> {
-        let gate = self.admit(v, offset, len, true).await?;
+        self.trim_as(v, offset, len, fua, Admit::Write).await
+    }
+
+    /// [`Self::trim`] applied from the Raft log: not re-checked.
+    pub async fn apply_trim(&self, v: &Volume, offset: u64, len: u64) -> Result<()> {
+        self.trim_as(v, offset, len, false, Admit::Apply).await
+    }
+
+    async fn trim_as(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        mode: Admit,
+    ) -> Result<()> {
+        let gate = self.admit(v, offset, len, mode).await?;
         let start = offset.div_ceil(BS) * BS;
         let end = ((offset + len) / BS) * BS;
         let mut pos = start;
@@ -796,7 +891,7 @@ impl ChunkStore {
         offset: u64,
         len: u64,
     ) -> Result<Vec<(u64, Entry)>> {
-        let _gate = self.admit(v, offset, len, false).await?;
+        let _gate = self.admit(v, offset, len, Admit::Read).await?;
         let mut out: Vec<(u64, Entry)> = Vec::new();
         let mut pos = offset;
         let end = offset + len;
@@ -827,7 +922,16 @@ impl ChunkStore {
     /// The durability barrier (see the module comment): every write completed before this
     /// call is on stable storage when it returns. Also releases the slots freed before it.
     pub async fn barrier(&self) -> Result<()> {
+        // Concurrent callers (many Raft groups' log flushes, many frontends' flushes) share
+        // barriers: one that *started* after this request covers it.
+        let ticket = self.barrier_requests.fetch_add(1, Ordering::SeqCst) + 1;
         let _one = self.barrier_lock.lock().await;
+        if self.barrier_covered.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every request taken so far completed its writes before asking: this barrier
+        // covers all of them.
+        let covers = self.barrier_requests.load(Ordering::SeqCst);
         let chunks: Vec<Arc<Chunk>> = {
             let mut dirty = self.dirty.lock();
             // Clear the flags under the list lock: a write that marks its chunk after this
@@ -868,6 +972,7 @@ impl ChunkStore {
         let _ = self.pending_slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
             Some(p.saturating_sub(released))
         });
+        self.barrier_covered.store(covers, Ordering::SeqCst);
         Ok(())
     }
 }

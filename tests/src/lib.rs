@@ -7,6 +7,8 @@
 //! with the command that installs it (`scripts/install-deps`).
 #![forbid(unsafe_code)]
 
+pub mod cluster;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -81,6 +83,50 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// Spawns a daemon logging to `<dir>/<log>.log` and waits until it accepts connections on
+/// `addr` (panicking with `logs()` if it does not).
+pub fn spawn_daemon(
+    dir: &Path,
+    log: &str,
+    mut cmd: Command,
+    addr: SocketAddr,
+    logs: impl Fn() -> String,
+) -> Child {
+    let file = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{log}.log")))
+            .unwrap()
+    };
+    let child = cmd
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file())
+        .stderr(file())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {log}: {e}"));
+    if !wait_port(addr, Duration::from_secs(20)) {
+        panic!("{log} did not come up\n{}", logs());
+    }
+    child
+}
+
+/// The last 40 lines of each `<dir>/<name>.log`.
+pub fn log_tails(dir: &Path, names: &[&str]) -> String {
+    let mut s = String::new();
+    for n in names {
+        let t = std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = t.lines().rev().take(40).collect();
+        s += &format!("--- {n}.log (last 40 lines) ---\n");
+        for l in tail.into_iter().rev() {
+            s += l;
+            s += "\n";
+        }
+    }
+    s
+}
+
 /// One storage node and one NBD frontend, each a real process.
 pub struct Deployment {
     pub dir: tempfile::TempDir,
@@ -112,27 +158,8 @@ impl Deployment {
         d
     }
 
-    fn log(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))
-            .unwrap()
-    }
-
-    /// Spawns a daemon logging to `<log>.log` and waits until it accepts connections.
-    fn spawn_daemon(&self, log: &str, mut cmd: Command, addr: SocketAddr) -> Child {
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(self.log(log))
-            .stderr(self.log(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {log}: {e}"));
-        if !wait_port(addr, Duration::from_secs(20)) {
-            panic!("{log} did not come up\n{}", self.logs());
-        }
-        child
+    fn spawn_daemon(&self, log: &str, cmd: Command, addr: SocketAddr) -> Child {
+        spawn_daemon(self.dir.path(), log, cmd, addr, || self.logs())
     }
 
     pub fn start_node(&mut self) {
@@ -180,18 +207,7 @@ impl Deployment {
     }
 
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        for n in ["node", "frontend"] {
-            let p = self.dir.path().join(format!("{n}.log"));
-            let t = std::fs::read_to_string(&p).unwrap_or_default();
-            let tail: Vec<&str> = t.lines().rev().take(40).collect();
-            s += &format!("--- {n}.log (last 40 lines) ---\n");
-            for l in tail.into_iter().rev() {
-                s += l;
-                s += "\n";
-            }
-        }
-        s
+        log_tails(self.dir.path(), &["node", "frontend"])
     }
 
     pub fn endpoint(&self) -> String {

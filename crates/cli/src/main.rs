@@ -36,6 +36,12 @@ enum Cmd {
     Node(NodeCmd),
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Class {
+    Local,
+    Replicated,
+}
+
 #[derive(Subcommand, Debug)]
 enum VolumeCmd {
     /// Create a volume.
@@ -50,6 +56,10 @@ enum VolumeCmd {
         /// Labels, KEY=VALUE (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Storage class: `replicated` (three datacenters; the default on a cluster) or
+        /// `local` (one copy; the default on a single node).
+        #[arg(long, value_enum)]
+        class: Option<Class>,
     },
     /// List volumes.
     List,
@@ -224,11 +234,16 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     let mut c = connect(&cli.endpoint).await?;
     let json = cli.json;
     match cli.cmd {
-        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels }) => {
+        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class }) => {
+            let storage_class = match class {
+                None => v1::StorageClass::Unspecified,
+                Some(Class::Local) => v1::StorageClass::Local,
+                Some(Class::Replicated) => v1::StorageClass::Replicated,
+            };
             let req = v1::CreateVolumeRequest {
                 name,
                 size_bytes: parse_size(&size).map_err(Fail::usage)?,
-                storage_class: v1::StorageClass::Local as i32,
+                storage_class: storage_class as i32,
                 read_only,
                 tenant: String::new(),
                 labels: labels.into_iter().collect::<HashMap<_, _>>(),

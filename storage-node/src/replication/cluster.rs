@@ -1,0 +1,427 @@
+//! The node's chunk groups and the replicated data and admin paths.
+//!
+//! Membership is static for now (from `--cluster`): every group has one replica on each
+//! node, and the cluster needs one node per datacenter. The node with the lowest id
+//! initializes the groups the first time the cluster starts.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::BasicNode;
+use parking_lot::Mutex;
+use tern_common::{chunk_group, CHUNK_SIZE, META_GROUP};
+use tokio::sync::{oneshot, Notify};
+
+use super::log_store::LogStore;
+use super::state_machine::StateMachine;
+use super::transport::{GroupNetworkFactory, Transport};
+use super::{raft_config, Cmd, Raft, Reply};
+use crate::error::{Error, Result};
+use crate::meta::MetaStore;
+use crate::store::{ChunkStore, Volume};
+
+/// A member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddr {
+    pub id: u64,
+    /// `host:port` of its gRPC services.
+    pub address: String,
+    pub datacenter: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub node_id: u64,
+    pub nodes: Vec<NodeAddr>,
+    /// Data chunk groups (`1..=groups`).
+    pub groups: u32,
+    /// Accept `RaftTransport.SetFaults` (tests only).
+    pub fault_injection: bool,
+    /// Tests only: the group leader applies writes to its own store and acknowledges them
+    /// without the log, so losing it loses them. Shows that the fault suite's checker notices.
+    pub unsafe_no_replication: bool,
+}
+
+/// The most data groups a cluster may have.
+pub const MAX_GROUPS: u32 = 4096;
+
+impl ClusterConfig {
+    /// Parses `ID=HOST:PORT@DATACENTER,...`.
+    pub fn parse_nodes(s: &str) -> std::result::Result<Vec<NodeAddr>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || format!("bad cluster member {part:?}: expected ID=HOST:PORT@DATACENTER");
+            let (id, rest) = part.split_once('=').ok_or_else(bad)?;
+            let (address, dc) = rest.rsplit_once('@').ok_or_else(bad)?;
+            let id: u64 = id.parse().map_err(|_| bad())?;
+            if id == 0 || address.is_empty() || dc.is_empty() || !address.contains(':') {
+                return Err(bad());
+            }
+            out.push(NodeAddr { id, address: address.into(), datacenter: dc.into() });
+        }
+        Ok(out)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.nodes.is_empty() {
+            return Err("the cluster has no members".into());
+        }
+        let ids: HashSet<u64> = self.nodes.iter().map(|n| n.id).collect();
+        if ids.len() != self.nodes.len() {
+            return Err("a node id appears twice in the cluster".into());
+        }
+        if !ids.contains(&self.node_id) {
+            return Err(format!("this node ({}) is not in the cluster list", self.node_id));
+        }
+        let dcs: HashSet<&str> = self.nodes.iter().map(|n| n.datacenter.as_str()).collect();
+        if dcs.len() != self.nodes.len() {
+            return Err("every group keeps one replica per datacenter: list one node per \
+                        datacenter (placement of more nodes comes with the volume manager)"
+                .into());
+        }
+        if self.groups == 0 || self.groups > MAX_GROUPS {
+            return Err(format!("--groups must be in 1..={MAX_GROUPS}"));
+        }
+        Ok(())
+    }
+}
+
+/// Batches linearizable-read confirmations of one group: reads arriving while a round runs
+/// share the next round (each round is one heartbeat exchange with a quorum).
+#[derive(Default)]
+struct ReadGate {
+    state: Mutex<(bool, Vec<oneshot::Sender<Result<()>>>)>,
+}
+
+pub struct Cluster {
+    cfg: ClusterConfig,
+    store: Arc<ChunkStore>,
+    transport: Arc<Transport>,
+    /// Index = group id (0 = the meta group).
+    rafts: Vec<Raft>,
+    reads: Vec<Arc<ReadGate>>,
+}
+
+/// Proposals that get no answer this long fail with UNAVAILABLE (the client retries,
+/// perhaps elsewhere): a leader cut off from its quorum never completes them.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A leader without a quorum's acknowledgement for this long stops taking requests (the
+/// followers elect a new leader after 400-800 ms of silence; heartbeats go every 100 ms).
+const QUORUM_SILENCE_MS: u64 = 500;
+/// How often waiting requests check that their leader still has its quorum.
+const CUT_OFF_POLL: Duration = Duration::from_millis(100);
+
+/// Whether `raft` leads but has not heard from a quorum for [`QUORUM_SILENCE_MS`].
+fn leader_cut_off(raft: &Raft) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow();
+    m.state == openraft::ServerState::Leader
+        && m.millis_since_quorum_ack.is_some_and(|ms| ms > QUORUM_SILENCE_MS)
+}
+
+impl Cluster {
+    pub async fn start(
+        cfg: ClusterConfig,
+        store: Arc<ChunkStore>,
+        meta: Arc<MetaStore>,
+    ) -> anyhow::Result<Arc<Self>> {
+        cfg.validate().map_err(anyhow::Error::msg)?;
+        let nodes: Vec<(u64, String)> =
+            cfg.nodes.iter().map(|n| (n.id, n.address.clone())).collect();
+        let transport = Transport::new(cfg.node_id, &nodes)?;
+        let config = Arc::new(raft_config().validate()?);
+        let created = Arc::new(Notify::new());
+        let mut rafts = Vec::new();
+        for group in 0..=cfg.groups {
+            let log = LogStore::new(group, meta.clone(), store.clone());
+            let sm = StateMachine::open(group, store.clone(), meta.clone(), created.clone())?;
+            let net = GroupNetworkFactory { group, transport: transport.clone() };
+            rafts.push(Raft::new(cfg.node_id, config.clone(), net, log, sm).await?);
+        }
+        let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
+        let c = Arc::new(Self { cfg, store, transport, rafts, reads });
+        c.clone().spawn_bootstrap();
+        tracing::info!(groups = c.cfg.groups, nodes = c.cfg.nodes.len(), "cluster groups started");
+        Ok(c)
+    }
+
+    /// The lowest node id initializes every group once, with all nodes as voters.
+    fn spawn_bootstrap(self: Arc<Self>) {
+        if self.cfg.nodes.iter().map(|n| n.id).min() != Some(self.cfg.node_id) {
+            return;
+        }
+        tokio::spawn(async move {
+            let members: BTreeMap<u64, BasicNode> = self
+                .cfg
+                .nodes
+                .iter()
+                .map(|n| (n.id, BasicNode { addr: n.address.clone() }))
+                .collect();
+            let mut fresh = 0;
+            for raft in &self.rafts {
+                if raft.is_initialized().await.unwrap_or(true) {
+                    continue;
+                }
+                match raft.initialize(members.clone()).await {
+                    Ok(()) => fresh += 1,
+                    Err(e) => tracing::warn!(%e, "initializing a chunk group"),
+                }
+            }
+            if fresh > 0 {
+                tracing::info!(groups = fresh, "bootstrapped chunk groups");
+            }
+        });
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
+    pub fn transport(&self) -> &Arc<Transport> {
+        &self.transport
+    }
+
+    pub fn raft(&self, group: u32) -> Option<&Raft> {
+        self.rafts.get(group as usize)
+    }
+
+    pub fn address_of(&self, node: u64) -> Option<&str> {
+        self.cfg.nodes.iter().find(|n| n.id == node).map(|n| n.address.as_str())
+    }
+
+    /// `(group, leader as known here, term)` of every group.
+    pub fn group_states(&self) -> Vec<(u32, Option<u64>, u64)> {
+        self.rafts
+            .iter()
+            .enumerate()
+            .map(|(g, r)| {
+                let m = r.metrics();
+                let m = m.borrow();
+                (g as u32, m.current_leader, m.current_term)
+            })
+            .collect()
+    }
+
+    /// The data group of `[offset, offset + len)`, which must lie within one chunk (the
+    /// frontend splits requests at chunk boundaries).
+    pub fn group_of(&self, volume: u64, offset: u64, len: u64) -> Result<u32> {
+        let chunk = offset / CHUNK_SIZE;
+        if len > 0 && (offset + len - 1) / CHUNK_SIZE != chunk {
+            return Err(Error::CrossesChunk { offset, len });
+        }
+        Ok(chunk_group(volume, chunk, self.cfg.groups))
+    }
+
+    /// Proposes `cmd` to `group` and waits until it is committed and applied here.
+    pub async fn propose(&self, group: u32, cmd: Cmd) -> Result<Reply> {
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        self.refuse_if_cut_off(group, raft)?;
+        let write = tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(cmd));
+        let answer = tokio::select! {
+            r = write => r,
+            e = self.cut_off(group, raft) => return Err(e),
+        };
+        match answer {
+            Err(_) => Err(Error::Unavailable(format!(
+                "group {group} did not commit within {PROPOSE_TIMEOUT:?}"
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Error::NotLeader { group, leader: f.leader_id })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Error::Unavailable(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(Error::Unavailable(format!("group {group} stopped on this node: {e}")))
+            }
+        }
+    }
+
+    /// A leader that has not heard from a quorum for a while (cut off by a partition, or its
+    /// peers are down) says so at once instead of letting requests wait for a commit that
+    /// cannot come: clients go and find the new leader.
+    fn refuse_if_cut_off(&self, group: u32, raft: &Raft) -> Result<()> {
+        if leader_cut_off(raft) {
+            return Err(Error::NotLeader { group, leader: None });
+        }
+        Ok(())
+    }
+
+    /// Resolves (with the error to return) once `raft` is a leader cut off from its quorum:
+    /// requests already waiting on it then go elsewhere instead of waiting out a timeout.
+    async fn cut_off(&self, group: u32, raft: &Raft) -> Error {
+        loop {
+            tokio::time::sleep(CUT_OFF_POLL).await;
+            if leader_cut_off(raft) {
+                return Error::NotLeader { group, leader: None };
+            }
+        }
+    }
+
+    /// Returns once this node may serve a linearizable read of `group`: it is the leader, a
+    /// quorum confirmed it after the read arrived, and it applied everything committed before.
+    pub async fn linearize(&self, group: u32) -> Result<()> {
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?.clone();
+        self.refuse_if_cut_off(group, &raft)?;
+        let gate = self.reads[group as usize].clone();
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut s = gate.state.lock();
+            s.1.push(tx);
+            !std::mem::replace(&mut s.0, true)
+        };
+        if start {
+            tokio::spawn(async move {
+                loop {
+                    let waiters = {
+                        let mut s = gate.state.lock();
+                        if s.1.is_empty() {
+                            s.0 = false;
+                            return;
+                        }
+                        std::mem::take(&mut s.1)
+                    };
+                    let confirm = tokio::time::timeout(PROPOSE_TIMEOUT, raft.ensure_linearizable());
+                    let cut_off = async {
+                        loop {
+                            tokio::time::sleep(CUT_OFF_POLL).await;
+                            if leader_cut_off(&raft) {
+                                return;
+                            }
+                        }
+                    };
+                    let r = tokio::select! {
+                        r = confirm => r,
+                        () = cut_off => Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
+                            openraft::error::ForwardToLeader::empty(),
+                        )))),
+                    };
+                    let r = match r {
+                        Err(_) => Err(Error::Unavailable(format!(
+                            "group {group}: no quorum confirmed leadership"
+                        ))),
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                            Err(Error::NotLeader { group, leader: f.leader_id })
+                        }
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                            Err(Error::Unavailable(e.to_string()))
+                        }
+                        Ok(Err(RaftError::Fatal(e))) => Err(Error::Unavailable(e.to_string())),
+                    };
+                    for w in waiters {
+                        let _ = w.send(match &r {
+                            Ok(()) => Ok(()),
+                            Err(Error::NotLeader { group, leader }) => {
+                                Err(Error::NotLeader { group: *group, leader: *leader })
+                            }
+                            Err(e) => Err(Error::Unavailable(e.to_string())),
+                        });
+                    }
+                }
+            });
+        }
+        rx.await.map_err(|_| Error::Unavailable("read confirmation dropped".into()))?
+    }
+
+    /// Checks a request against the volume as this node knows it; returns its group.
+    fn check(&self, v: &Volume, offset: u64, len: u64, write: bool) -> Result<u32> {
+        let rec = v.record();
+        if rec.storage_class != "replicated" {
+            return Err(Error::Unsupported("local volumes on a replicated cluster"));
+        }
+        if write && rec.read_only {
+            return Err(Error::ReadOnly { volume: v.id });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= rec.size => {}
+            _ => return Err(Error::OutOfRange { volume: v.id, offset, len, size: rec.size }),
+        }
+        self.group_of(v.id.0, offset, len)
+    }
+
+    pub fn done(reply: Reply) -> Result<()> {
+        match reply {
+            Reply::Done | Reply::Volume(_) => Ok(()),
+            Reply::Refused { code, message } => Err(Error::Refused { code, message }),
+        }
+    }
+
+    pub async fn write(&self, v: &Volume, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        if len > tern_common::MAX_IO_SIZE {
+            return Err(Error::TooLarge { len, max: tern_common::MAX_IO_SIZE });
+        }
+        let group = self.check(v, offset, len, true)?;
+        if self.cfg.unsafe_no_replication {
+            self.linearize(group).await?;
+            return self.store.write(v, offset, data, fua).await;
+        }
+        Self::done(self.propose(group, Cmd::Write { volume: v.id.0, offset, data, fua }).await?)
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    ) -> Result<()> {
+        let group = self.check(v, offset, len, true)?;
+        if self.cfg.unsafe_no_replication {
+            self.linearize(group).await?;
+            return self.store.write_zeroes(v, offset, len, punch, fua).await;
+        }
+        let cmd = Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua };
+        Self::done(self.propose(group, cmd).await?)
+    }
+
+    pub async fn trim(&self, v: &Volume, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let group = self.check(v, offset, len, true)?;
+        if self.cfg.unsafe_no_replication {
+            self.linearize(group).await?;
+            return self.store.trim(v, offset, len, fua).await;
+        }
+        Self::done(self.propose(group, Cmd::Trim { volume: v.id.0, offset, len, fua }).await?)
+    }
+
+    /// Makes every write acknowledged before it in `group` durable on a quorum.
+    pub async fn flush(&self, v: &Volume, group: u32) -> Result<()> {
+        if group == META_GROUP || group > self.cfg.groups {
+            return Err(Error::NoSuchGroup(group));
+        }
+        let _ = v;
+        if self.cfg.unsafe_no_replication {
+            self.linearize(group).await?;
+            return self.store.barrier().await;
+        }
+        Self::done(self.propose(group, Cmd::Flush).await?)
+    }
+
+    pub async fn read(&self, v: &Volume, offset: u64, len: u64) -> Result<Bytes> {
+        if len > tern_common::MAX_IO_SIZE {
+            return Err(Error::TooLarge { len, max: tern_common::MAX_IO_SIZE });
+        }
+        let group = self.check(v, offset, len, false)?;
+        self.linearize(group).await?;
+        self.store.read(v, offset, len).await
+    }
+
+    pub async fn block_status(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, crate::meta::Entry)>> {
+        // Clip to the chunk: the frontend asks one chunk at a time.
+        let clipped = len.min(CHUNK_SIZE - offset % CHUNK_SIZE);
+        let group = self.check(v, offset, clipped, false)?;
+        self.linearize(group).await?;
+        self.store.block_status(v, offset, clipped).await
+    }
+}

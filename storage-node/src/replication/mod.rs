@@ -1,0 +1,149 @@
+//! Replication: every chunk group is one Raft group (openraft) with one replica per
+//! datacenter; group 0 (`META_GROUP`) holds the volume records.
+//!
+//! - [`log_store`]: each group's Raft log and vote in the node's one RocksDB instance.
+//! - [`state_machine`]: applies committed entries to the [`ChunkStore`](crate::store::ChunkStore).
+//! - [`transport`]: one gRPC connection per peer node carries all groups' messages, batched.
+//! - [`cluster`]: the node's groups, bootstrap, and the replicated data and admin paths.
+//!
+//! # Durability of a replicated write
+//!
+//! A write is acknowledged once its log entry (which carries the data) is in the RocksDB WAL
+//! of a majority of the group's replicas and the leader applied it to its chunk store. The WAL
+//! write survives `kill -9` of any process. For power loss, an entry marked durable (FUA
+//! writes, and the `Flush` entry an NBD flush proposes) is only reported stored by a replica's
+//! log after that replica ran its full barrier (data files fdatasynced, then the WAL fsynced):
+//! so a flushed write is on stable storage on a majority before the flush is acknowledged.
+
+// openraft's storage traits fix the (large) error type these modules return.
+#![allow(clippy::result_large_err)]
+
+pub mod cluster;
+pub mod log_store;
+pub mod state_machine;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use cluster::{Cluster, ClusterConfig, NodeAddr};
+
+/// A command in a Raft log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Cmd {
+    // ----- data groups -----
+    Write {
+        volume: u64,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    WriteZeroes {
+        volume: u64,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    },
+    Trim {
+        volume: u64,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    /// A durability point: every entry up to this one is on stable storage on each replica
+    /// that reports it stored.
+    Flush,
+    // ----- the meta group -----
+    /// Creates a volume whose id is this entry's log index (the same on every replica).
+    CreateVolume {
+        name: String,
+        size: u64,
+        read_only: bool,
+        tenant: String,
+        labels: BTreeMap<String, String>,
+        created_at: u64,
+    },
+    ResizeVolume {
+        id: u64,
+        size: u64,
+    },
+    SetReadOnly {
+        id: u64,
+        read_only: bool,
+    },
+    DeleteVolume {
+        id: u64,
+    },
+}
+
+impl Cmd {
+    /// Whether a replica must run its durability barrier before reporting this entry stored.
+    pub fn durable(&self) -> bool {
+        match self {
+            Cmd::Write { fua, .. } | Cmd::WriteZeroes { fua, .. } | Cmd::Trim { fua, .. } => *fua,
+            Cmd::Flush => true,
+            // Volume records are small and rare: always durable.
+            Cmd::CreateVolume { .. }
+            | Cmd::ResizeVolume { .. }
+            | Cmd::SetReadOnly { .. }
+            | Cmd::DeleteVolume { .. } => true,
+        }
+    }
+}
+
+/// The outcome of applying a command: identical on every replica.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub enum Reply {
+    #[default]
+    Done,
+    /// The volume created or changed.
+    Volume(u64),
+    /// The command was refused (e.g. a name already taken): a gRPC code and a message.
+    Refused { code: i32, message: String },
+}
+
+openraft::declare_raft_types!(
+    /// Tern's Raft types: node ids are storage node ids; snapshots are streamed by the
+    /// transport from the live chunk store, so the snapshot "data" is only a cursor.
+    pub TypeConfig:
+        D = Cmd,
+        R = Reply,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type Vote = openraft::Vote<u64>;
+pub type StorageError = openraft::StorageError<u64>;
+pub type Membership = openraft::StoredMembership<u64, openraft::BasicNode>;
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("bincode encodes our types")
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error> {
+    bincode::deserialize(b)
+}
+
+/// Raft timing: heartbeats every 100 ms, elections after 400-800 ms of silence, so a dead
+/// leader is replaced in about a second. Hundreds of groups share one connection per peer,
+/// where their heartbeats are batched.
+pub fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "tern".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        max_payload_entries: 256,
+        // Log compaction needs snapshot transfer of chunk data (not yet built): keep the log.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        ..Default::default()
+    }
+}

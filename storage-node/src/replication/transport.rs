@@ -1,0 +1,326 @@
+//! Raft traffic between storage nodes.
+//!
+//! Each peer node has one [`Peer`]: one HTTP/2 connection and a task that batches the
+//! messages of all chunk groups into `RaftTransport.Send` calls. Up to [`MAX_IN_FLIGHT`]
+//! batches are outstanding per peer; while they are, new messages queue and leave together in
+//! the next batch, so hundreds of groups' heartbeats cost a handful of RPCs.
+//!
+//! A test-only fault switch ([`Transport::set_isolated`], enabled by `--fault-injection`)
+//! drops all traffic to and from chosen nodes, as a network partition would.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{Fatal, ReplicationClosed};
+use openraft::error::{
+    NetworkError, RPCError, RaftError, RemoteError, StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse};
+use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::{BasicNode, Snapshot};
+use parking_lot::RwLock;
+use tern_proto::v1::{self, raft_transport_client::RaftTransportClient, RaftKind};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::transport::Endpoint;
+
+use super::{decode, encode, TypeConfig};
+
+/// Batches in flight to one peer before messages wait (and batch up).
+const MAX_IN_FLIGHT: usize = 4;
+/// Messages per batch at most.
+const MAX_BATCH: usize = 512;
+
+type Reply = Result<Vec<u8>, String>;
+
+struct Outgoing {
+    msg: v1::RaftMessage,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The connection to one peer node.
+struct Peer {
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl Peer {
+    fn start(from: u64, to: u64, address: &str) -> Result<Self, tonic::transport::Error> {
+        let ep = Endpoint::from_shared(format!("http://{address}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_millis(500))
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20);
+        let client = RaftTransportClient::new(ep.connect_lazy())
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                let Some(first) = rx.recv().await else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let (messages, waiters): (Vec<_>, Vec<_>) =
+                        batch.into_iter().map(|o| (o.msg, o.reply)).unzip();
+                    match client.send(v1::RaftBatch { from, to, messages }).await {
+                        Ok(r) => {
+                            let mut replies = r.into_inner().replies.into_iter();
+                            for w in waiters {
+                                let reply = match replies.next() {
+                                    Some(r) if r.error.is_empty() => Ok(r.payload.to_vec()),
+                                    Some(r) => Err(r.error),
+                                    None => Err("peer sent too few replies".to_string()),
+                                };
+                                let _ = w.send(reply);
+                            }
+                        }
+                        Err(s) => {
+                            for w in waiters {
+                                let _ = w.send(Err(format!("{}: {}", s.code(), s.message())));
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Self { tx })
+    }
+}
+
+/// Why a message got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("node {0} is cut off by the fault switch")]
+    Isolated(u64),
+    #[error("no answer from node {0} within {1:?}")]
+    Timeout(u64, Duration),
+    #[error("node {0}: {1}")]
+    Failed(u64, String),
+    #[error("unknown node {0}")]
+    UnknownNode(u64),
+    #[error("undecodable reply from node {0}: {1}")]
+    BadReply(u64, String),
+}
+
+/// The node's side of Raft traffic: a [`Peer`] per other node, and the fault switch.
+pub struct Transport {
+    node_id: u64,
+    peers: HashMap<u64, Peer>,
+    isolated: RwLock<HashSet<u64>>,
+}
+
+impl Transport {
+    pub fn new(
+        node_id: u64,
+        nodes: &[(u64, String)],
+    ) -> Result<Arc<Self>, tonic::transport::Error> {
+        let mut peers = HashMap::new();
+        for (id, address) in nodes {
+            if *id != node_id {
+                peers.insert(*id, Peer::start(node_id, *id, address)?);
+            }
+        }
+        Ok(Arc::new(Self { node_id, peers, isolated: RwLock::default() }))
+    }
+
+    pub fn set_isolated(&self, nodes: impl IntoIterator<Item = u64>) {
+        *self.isolated.write() = nodes.into_iter().collect();
+    }
+
+    pub fn is_isolated(&self, node: u64) -> bool {
+        self.isolated.read().contains(&node)
+    }
+
+    /// Sends one message to `to` and waits (at most `ttl`) for its reply payload.
+    pub async fn call(
+        &self,
+        to: u64,
+        group: u32,
+        kind: RaftKind,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, SendError> {
+        if self.is_isolated(to) {
+            return Err(SendError::Isolated(to));
+        }
+        let peer = self.peers.get(&to).ok_or(SendError::UnknownNode(to))?;
+        let (w, r) = oneshot::channel();
+        let msg = v1::RaftMessage { group, kind: kind as i32, payload: payload.into() };
+        peer.tx
+            .send(Outgoing { msg, reply: w })
+            .map_err(|_| SendError::Failed(to, "transport stopped".into()))?;
+        match tokio::time::timeout(ttl, r).await {
+            Err(_) => Err(SendError::Timeout(to, ttl)),
+            Ok(Err(_)) => Err(SendError::Failed(to, "batch dropped".into())),
+            Ok(Ok(r)) => r.map_err(|e| SendError::Failed(to, e)),
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+}
+
+/// The network of one group: openraft creates one client per target node.
+#[derive(Clone)]
+pub struct GroupNetworkFactory {
+    pub group: u32,
+    pub transport: Arc<Transport>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
+        GroupNetwork { group: self.group, target, transport: self.transport.clone() }
+    }
+}
+
+pub struct GroupNetwork {
+    group: u32,
+    target: u64,
+    transport: Arc<Transport>,
+}
+
+type RpcErr = RPCError<u64, BasicNode, RaftError<u64>>;
+
+impl GroupNetwork {
+    async fn rpc<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        kind: RaftKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr> {
+        let bytes = self
+            .transport
+            .call(self.target, self.group, kind, encode(req), option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                // Back off: openraft retries unreachable nodes less eagerly.
+                SendError::Isolated(_) | SendError::Failed(..) | SendError::UnknownNode(_) => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                SendError::Timeout(..) | SendError::BadReply(..) => {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        let r: Result<Resp, RaftError<u64>> = decode(&bytes).map_err(|e| {
+            RPCError::Network(NetworkError::new(&SendError::BadReply(self.target, e.to_string())))
+        })?;
+        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        self.rpc(RaftKind::Append, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
+        self.rpc(RaftKind::Vote, &rpc, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: openraft::Vote<u64>,
+        _snapshot: Snapshot<TypeConfig>,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        // Logs are never compacted yet (`SnapshotPolicy::Never`): a leader always has the
+        // entries a follower lacks, and openraft never gets here.
+        let e =
+            SendError::Failed(self.target, "chunk group snapshot transfer is not built yet".into());
+        Err(StreamingError::Unreachable(Unreachable::new(&e)))
+    }
+}
+
+/// The receiving side: `RaftTransport` on every node of a cluster.
+pub struct TransportService {
+    pub cluster: Arc<super::Cluster>,
+}
+
+impl TransportService {
+    async fn deliver(&self, m: v1::RaftMessage) -> v1::RaftReply {
+        let fail = |e: String| v1::RaftReply { payload: Default::default(), error: e };
+        let Some(raft) = self.cluster.raft(m.group) else {
+            return fail(format!("no chunk group {}", m.group));
+        };
+        let payload = match RaftKind::try_from(m.kind) {
+            Ok(RaftKind::Append) => match decode::<AppendEntriesRequest<TypeConfig>>(&m.payload) {
+                Ok(req) => encode(&raft.append_entries(req).await),
+                Err(e) => return fail(format!("bad append-entries payload: {e}")),
+            },
+            Ok(RaftKind::Vote) => match decode::<VoteRequest<u64>>(&m.payload) {
+                Ok(req) => encode(&raft.vote(req).await),
+                Err(e) => return fail(format!("bad vote payload: {e}")),
+            },
+            _ => return fail(format!("unknown Raft message kind {}", m.kind)),
+        };
+        v1::RaftReply { payload: payload.into(), error: String::new() }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::raft_transport_server::RaftTransport for TransportService {
+    async fn send(
+        &self,
+        req: tonic::Request<v1::RaftBatch>,
+    ) -> Result<tonic::Response<v1::RaftBatchReply>, tonic::Status> {
+        let b = req.into_inner();
+        let me = self.cluster.transport().node_id();
+        if b.to != me {
+            return Err(tonic::Status::failed_precondition(format!(
+                "batch for node {} reached node {me}",
+                b.to
+            )));
+        }
+        if self.cluster.transport().is_isolated(b.from) {
+            return Err(tonic::Status::unavailable("cut off by the fault switch"));
+        }
+        // Messages of different groups run concurrently; each group's Raft core orders its own.
+        let replies =
+            futures::future::join_all(b.messages.into_iter().map(|m| self.deliver(m))).await;
+        Ok(tonic::Response::new(v1::RaftBatchReply { replies }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        _req: tonic::Request<tonic::Streaming<v1::SnapshotPart>>,
+    ) -> Result<tonic::Response<v1::SnapshotReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("chunk group snapshot transfer is not built yet"))
+    }
+
+    async fn set_faults(
+        &self,
+        req: tonic::Request<v1::SetFaultsRequest>,
+    ) -> Result<tonic::Response<v1::SetFaultsReply>, tonic::Status> {
+        if !self.cluster.config().fault_injection {
+            return Err(tonic::Status::permission_denied(
+                "fault injection is off (start the node with --fault-injection)",
+            ));
+        }
+        let isolate = req.into_inner().isolate_from;
+        tracing::warn!(?isolate, "fault switch: Raft traffic with these nodes is cut");
+        self.cluster.transport().set_isolated(isolate);
+        Ok(tonic::Response::new(v1::SetFaultsReply {}))
+    }
+}

@@ -1,0 +1,272 @@
+//! A replicated deployment for tests: three storage nodes, one per datacenter, each on its own
+//! loopback range (datacenter N on 127.0.N.x), and an NBD frontend in datacenter 1. Every
+//! daemon is a real process; faults are real: `kill -9`, SIGSTOP/SIGCONT, and network
+//! partitions through the nodes' fault switch (`--fault-injection`).
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use tern_proto::v1;
+
+use crate::{bin, log_tails, run, spawn_daemon, test_root, text};
+
+pub struct Node {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub datacenter: String,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub nbd_addr: SocketAddr,
+    frontend: Option<Child>,
+    groups: u32,
+    node_args: Vec<String>,
+}
+
+/// A free port on `ip`.
+fn free_port_on(ip: &str) -> u16 {
+    TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap().port()
+}
+
+/// Runs one gRPC call on a throwaway runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+impl Cluster {
+    /// Three nodes with `groups` data chunk groups, and a frontend.
+    pub fn start(groups: u32) -> Self {
+        Self::start_with(groups, &[])
+    }
+
+    /// As [`Self::start`], with extra flags for every storage node.
+    pub fn start_with(groups: u32, node_args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("tern-cluster-").tempdir_in(test_root()).unwrap();
+        let nodes = (1..=3u64)
+            .map(|i| {
+                let ip = format!("127.0.{i}.1");
+                let port = free_port_on(&ip);
+                Node {
+                    id: i,
+                    addr: format!("{ip}:{port}").parse().unwrap(),
+                    datacenter: format!("dc{i}"),
+                    child: None,
+                    stopped: false,
+                }
+            })
+            .collect();
+        let ip = "127.0.1.2";
+        let nbd_addr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let mut c = Self {
+            dir,
+            nodes,
+            nbd_addr,
+            frontend: None,
+            groups,
+            node_args: node_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..3 {
+            c.start_node(i);
+        }
+        c.wait_leaders(Duration::from_secs(30));
+        c.start_frontend();
+        c
+    }
+
+    fn members(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}@{}", n.id, n.addr, n.datacenter))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts node `i` (0-based) again after a kill, on the same data directory.
+    pub fn start_node(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "node {i} already running");
+        let n = &self.nodes[i];
+        let mut cmd = Command::new(bin("tern-storage-node"));
+        cmd.args(["--listen", &n.addr.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("node{}", n.id)))
+            .args(["--node-id", &n.id.to_string(), "--datacenter", &n.datacenter])
+            .args(["--cluster", &self.members(), "--groups", &self.groups.to_string()])
+            .arg("--fault-injection")
+            .args(&self.node_args);
+        let child =
+            spawn_daemon(self.dir.path(), &format!("node{}", n.id), cmd, n.addr, || self.logs());
+        self.nodes[i].child = Some(child);
+        self.nodes[i].stopped = false;
+    }
+
+    pub fn start_frontend(&mut self) {
+        assert!(self.frontend.is_none(), "frontend already running");
+        let storage =
+            self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect::<Vec<_>>().join(",");
+        let mut cmd = Command::new(bin("tern-nbd-frontend"));
+        cmd.args(["--listen", &self.nbd_addr.to_string(), "--storage", &storage]);
+        self.frontend =
+            Some(spawn_daemon(self.dir.path(), "frontend", cmd, self.nbd_addr, || self.logs()));
+    }
+
+    /// `kill -9` of node `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn signal(&mut self, i: usize, sig: libc::c_int) {
+        let pid = self.nodes[i].child.as_ref().expect("node running").id();
+        let out =
+            Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).output().unwrap();
+        assert!(out.status.success(), "kill -{sig} {pid}: {}", text(&out));
+    }
+
+    /// Freezes node `i` (SIGSTOP): it holds its connections but answers nothing.
+    pub fn freeze(&mut self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+        self.nodes[i].stopped = true;
+    }
+
+    pub fn thaw(&mut self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+        self.nodes[i].stopped = false;
+    }
+
+    fn set_faults(&self, node: usize, isolate_from: Vec<u64>) {
+        let addr = format!("http://{}", self.nodes[node].addr);
+        block_on(async move {
+            let mut c = v1::raft_transport_client::RaftTransportClient::connect(addr)
+                .await
+                .expect("connect for SetFaults");
+            c.set_faults(v1::SetFaultsRequest { isolate_from }).await.expect("SetFaults");
+        });
+    }
+
+    /// Cuts node `i`'s datacenter off from the others (Raft traffic both ways).
+    pub fn partition(&self, i: usize) {
+        let cut = self.nodes[i].id;
+        for (j, n) in self.nodes.iter().enumerate() {
+            if j == i {
+                self.set_faults(
+                    j,
+                    self.nodes.iter().map(|m| m.id).filter(|&id| id != cut).collect(),
+                );
+            } else if n.child.is_some() {
+                self.set_faults(j, vec![cut]);
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for (j, n) in self.nodes.iter().enumerate() {
+            if n.child.is_some() && !n.stopped {
+                self.set_faults(j, Vec::new());
+            }
+        }
+    }
+
+    /// The cluster map as node `i` sees it.
+    pub fn map(&self, i: usize) -> Option<v1::ClusterMap> {
+        let addr = format!("http://{}", self.nodes[i].addr);
+        block_on(async move {
+            let mut c = v1::cluster_client::ClusterClient::connect(addr).await.ok()?;
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.get_cluster_map(v1::GetClusterMapRequest {}),
+            )
+            .await
+            .ok()?;
+            r.ok().map(|r| r.into_inner())
+        })
+    }
+
+    /// Waits until every group (meta included) has a leader that node 0 knows of.
+    pub fn wait_leaders(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.map(0) {
+                if m.group_state.len() == self.groups as usize + 1
+                    && m.group_state.iter().all(|g| g.leader != 0)
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "groups got no leaders\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many groups each node leads, by node id (as node `i` sees it).
+    pub fn leaders(&self, i: usize) -> std::collections::BTreeMap<u64, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for g in self.map(i).map(|m| m.group_state).unwrap_or_default() {
+            *out.entry(g.leader).or_insert(0) += 1;
+        }
+        out
+    }
+
+    pub fn logs(&self) -> String {
+        let mut names: Vec<String> = self.nodes.iter().map(|n| format!("node{}", n.id)).collect();
+        names.push("frontend".into());
+        log_tails(self.dir.path(), &names.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd_addr)
+    }
+
+    /// Runs the `tern` CLI against node `i`.
+    pub fn tern(&self, i: usize, args: &[&str]) -> Output {
+        let endpoint = format!("http://{}", self.nodes[i].addr);
+        let mut all = vec!["--endpoint", endpoint.as_str()];
+        all.extend_from_slice(args);
+        run(30, bin("tern").to_str().unwrap(), &all)
+    }
+
+    pub fn must_tern(&self, i: usize, args: &[&str]) -> String {
+        let o = self.tern(i, args);
+        assert!(o.status.success(), "tern {args:?} failed\n{}\n{}", text(&o), self.logs());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Every daemon that should run still does.
+    pub fn must_be_alive(&mut self) {
+        let mut dead = Vec::new();
+        for n in &mut self.nodes {
+            if let Some(st) = n.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                dead.push(format!("node {} exited with {st}", n.id));
+            }
+        }
+        if let Some(st) = self.frontend.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            dead.push(format!("frontend exited with {st}"));
+        }
+        assert!(dead.is_empty(), "{}\n{}", dead.join("; "), self.logs());
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].stopped {
+                self.thaw(i);
+            }
+        }
+        let children =
+            self.nodes.iter_mut().filter_map(|n| n.child.take()).chain(self.frontend.take());
+        for mut c in children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
