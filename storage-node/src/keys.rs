@@ -34,6 +34,8 @@ pub enum RaftField {
     LastPurged = 3,
     /// The state machine's last applied log id and membership.
     Applied = 4,
+    /// The meta of the group's last snapshot (the log before it may be purged).
+    Snapshot = 5,
 }
 
 /// The epoch of the live head of a volume.

@@ -54,6 +54,10 @@ struct Args {
     /// replicating them (shows that the fault suite catches lost writes).
     #[arg(long, hide = true)]
     unsafe_no_replication: bool,
+    /// Raft log entries between snapshots of a chunk group: the log kept per group is about
+    /// this long; a replica further behind gets the group's data streamed instead.
+    #[arg(long, default_value_t = 4096)]
+    snapshot_every: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +96,7 @@ fn main() -> anyhow::Result<()> {
                     groups: args.groups,
                     fault_injection: args.fault_injection,
                     unsafe_no_replication: args.unsafe_no_replication,
+                    snapshot_every: args.snapshot_every,
                 };
                 if cfg.unsafe_no_replication {
                     tracing::warn!(

@@ -213,7 +213,11 @@ impl Service {
         }
     }
 
-    async fn list_here(&self) -> Result<Vec<v1::Volume>, Error> {
+    async fn get_here(&self, r: v1::GetVolumeRequest) -> Result<Arc<Volume>, Error> {
+        self.linear_volume(r.volume).await
+    }
+
+    async fn list_here(&self, _r: v1::ListVolumesRequest) -> Result<Vec<v1::Volume>, Error> {
         if let Some(c) = &self.cluster {
             c.linearize(tern_common::META_GROUP).await?;
         }
@@ -221,15 +225,32 @@ impl Service {
     }
 }
 
-/// Runs an admin call here, or forwards it once to the meta group's leader.
+/// How long an admin call waits out a meta group election (its leader died) before failing.
+const ADMIN_FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Runs an admin call here, or forwards it once to the meta group's leader; while the meta
+/// group has no reachable leader (an election after a failure), retries for a few seconds.
 macro_rules! admin_call {
     ($self:ident, $req:ident, $here:ident, $remote:ident, $ok:expr) => {{
         let fwd = is_forwarded(&$req);
         let msg = $req.into_inner();
-        let r = $self.$here(msg.clone()).await;
-        match $self.forward_to(&r, fwd) {
-            Some(leader) => $self.peer_admin(leader)?.$remote(forwarded(msg)).await,
-            None => Ok(Response::new($ok(r?))),
+        let deadline = tokio::time::Instant::now() + ADMIN_FAILOVER_WAIT;
+        loop {
+            let r = $self.$here(msg.clone()).await;
+            let out = match $self.forward_to(&r, fwd) {
+                Some(leader) => $self.peer_admin(leader)?.$remote(forwarded(msg.clone())).await,
+                None => r.map(|x| Response::new($ok(x))).map_err(Status::from),
+            };
+            match out {
+                Err(s)
+                    if !fwd
+                        && s.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                out => break out,
+            }
         }
     }};
 }
@@ -247,30 +268,16 @@ impl VolumeAdmin for Service {
         &self,
         req: Request<v1::GetVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
-        let fwd = is_forwarded(&req);
-        let msg = req.into_inner();
-        let r = self.linear_volume(msg.volume.clone()).await;
-        match self.forward_to(&r, fwd) {
-            Some(leader) => self.peer_admin(leader)?.get_volume(forwarded(msg)).await,
-            None => {
-                let v = r?;
-                Ok(Response::new(to_wire(&v)))
-            }
-        }
+        admin_call!(self, req, get_here, get_volume, |v: Arc<Volume>| to_wire(&v))
     }
 
     async fn list_volumes(
         &self,
         req: Request<v1::ListVolumesRequest>,
     ) -> Result<Response<v1::ListVolumesResponse>, Status> {
-        let fwd = is_forwarded(&req);
-        let r = self.list_here().await;
-        match self.forward_to(&r, fwd) {
-            Some(leader) => {
-                self.peer_admin(leader)?.list_volumes(forwarded(v1::ListVolumesRequest {})).await
-            }
-            None => Ok(Response::new(v1::ListVolumesResponse { volumes: r? })),
-        }
+        admin_call!(self, req, list_here, list_volumes, |volumes| v1::ListVolumesResponse {
+            volumes
+        })
     }
 
     async fn resize_volume(

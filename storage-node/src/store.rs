@@ -443,6 +443,17 @@ impl ChunkStore {
         Ok(gate)
     }
 
+    /// The head block map of one chunk (for streaming a chunk group to another replica).
+    pub async fn chunk_map(&self, v: &Volume, index: u32) -> Result<Vec<Entry>> {
+        let c = self.chunk(v, index).await?;
+        Ok(c.entries(0, BLOCKS_PER_CHUNK as u32))
+    }
+
+    /// The data directory (snapshots in transfer are staged under it).
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
     // ----- the data path -----------------------------------------------------------------
 
     /// Reads `len` bytes at `offset` (any alignment). Every data block's checksum is verified;

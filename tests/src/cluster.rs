@@ -213,6 +213,55 @@ impl Cluster {
         out
     }
 
+    /// `(applied index, digest, data blocks)` of `group` on node `i`.
+    pub fn digest(&self, i: usize, group: u32) -> Option<(u64, u64, u64)> {
+        let addr = format!("http://{}", self.nodes[i].addr);
+        block_on(async move {
+            let mut c = v1::raft_transport_client::RaftTransportClient::connect(addr).await.ok()?;
+            let r = c.digest(v1::DigestRequest { group }).await.ok()?.into_inner();
+            Some((r.applied_index, r.digest, r.data_blocks))
+        })
+    }
+
+    /// Waits until every running node holds the same state for every group (same applied
+    /// index and digest); returns the data blocks per group. Panics after `timeout`.
+    pub fn wait_replicas_agree(&self, timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        let running: Vec<usize> =
+            (0..self.nodes.len()).filter(|&i| self.nodes[i].child.is_some()).collect();
+        loop {
+            let mut blocks = Vec::new();
+            let mut differ = None;
+            for g in 0..=self.groups {
+                let ds: Vec<_> = running.iter().map(|&i| self.digest(i, g)).collect();
+                match (ds.iter().all(Option::is_some), ds.first().copied().flatten()) {
+                    (true, Some(first)) if ds.iter().all(|d| *d == Some(first)) => {
+                        blocks.push(first.2)
+                    }
+                    _ => {
+                        differ = Some((g, ds));
+                        break;
+                    }
+                }
+            }
+            match differ {
+                None => return blocks,
+                Some((g, ds)) => assert!(
+                    Instant::now() < deadline,
+                    "replicas disagree on group {g}: {ds:?} (applied, digest, blocks)\n{}",
+                    self.logs()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The full log of node `i`.
+    pub fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{}.log", self.nodes[i].id)))
+            .unwrap_or_default()
+    }
+
     pub fn logs(&self) -> String {
         let mut names: Vec<String> = self.nodes.iter().map(|n| format!("node{}", n.id)).collect();
         names.push("frontend".into());

@@ -187,3 +187,39 @@ fn fio_verify_across_a_node_kill() {
     );
     c.must_be_alive();
 }
+
+/// A replica away while the log moved far past it (compacted every 64 entries here) gets the
+/// groups' state streamed as a snapshot, and ends up identical to the others.
+#[test]
+fn a_node_behind_the_compacted_log_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start_with(4, &["--snapshot-every", "64"]);
+    let leader = busiest_leader(&c);
+    let victim = (leader + 1) % 3;
+    c.must_tern(0, &["volume", "create", "snap", "--size", "1G"]);
+    c.kill9(victim);
+    let w = start_workload(&c, "snap", 6);
+    let (ok, report) = finish(&c, w, "snap");
+    assert!(ok, "history check failed\n{report}\n{}", c.logs());
+    c.start_node(victim);
+    let blocks = c.wait_replicas_agree(Duration::from_secs(60));
+    assert!(blocks.iter().sum::<u64>() >= 256, "the workload wrote too little: {blocks:?}");
+    let log = c.node_log(victim);
+    assert!(
+        log.contains("installed a chunk group snapshot"),
+        "the returning node caught up without a snapshot: the test did not test it\n{}",
+        c.logs()
+    );
+    for i in 0..3 {
+        for l in c.node_log(i).lines().filter(|l| l.contains("sent a chunk group snapshot")) {
+            eprintln!("node {}: {}", i + 1, l);
+        }
+    }
+    // The caught-up replica is a full member: with the busiest leader gone, it and the third
+    // node still form a quorum that serves every block written.
+    c.kill9(leader);
+    c.must_tern(2 - (leader == 2) as usize, &["volume", "create", "snap2", "--size", "1G"]);
+    let w = start_workload(&c, "snap2", 2);
+    let (ok, report) = finish(&c, w, "snap2");
+    assert!(ok, "the cluster without its old leader failed\n{report}\n{}", c.logs());
+    c.must_be_alive();
+}

@@ -43,6 +43,8 @@ pub struct ClusterConfig {
     /// Tests only: the group leader applies writes to its own store and acknowledges them
     /// without the log, so losing it loses them. Shows that the fault suite's checker notices.
     pub unsafe_no_replication: bool,
+    /// Log entries between snapshots of a group (see `raft_config`).
+    pub snapshot_every: u64,
 }
 
 /// The most data groups a cluster may have.
@@ -131,13 +133,20 @@ impl Cluster {
         cfg.validate().map_err(anyhow::Error::msg)?;
         let nodes: Vec<(u64, String)> =
             cfg.nodes.iter().map(|n| (n.id, n.address.clone())).collect();
-        let transport = Transport::new(cfg.node_id, &nodes)?;
-        let config = Arc::new(raft_config().validate()?);
+        let transport = Transport::new(cfg.node_id, &nodes, store.clone(), cfg.groups)?;
+        let config = Arc::new(raft_config(cfg.snapshot_every).validate()?);
+        super::snapshot::clear_staging(&store);
         let created = Arc::new(Notify::new());
         let mut rafts = Vec::new();
         for group in 0..=cfg.groups {
             let log = LogStore::new(group, meta.clone(), store.clone());
-            let sm = StateMachine::open(group, store.clone(), meta.clone(), created.clone())?;
+            let sm = StateMachine::open(
+                group,
+                cfg.groups,
+                store.clone(),
+                meta.clone(),
+                created.clone(),
+            )?;
             let net = GroupNetworkFactory { group, transport: transport.clone() };
             rafts.push(Raft::new(cfg.node_id, config.clone(), net, log, sm).await?);
         }

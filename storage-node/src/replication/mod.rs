@@ -20,11 +20,11 @@
 
 pub mod cluster;
 pub mod log_store;
+pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -108,13 +108,13 @@ pub enum Reply {
 
 openraft::declare_raft_types!(
     /// Tern's Raft types: node ids are storage node ids; snapshots are streamed by the
-    /// transport from the live chunk store, so the snapshot "data" is only a cursor.
+    /// transport from the live chunk store (see [`snapshot`]).
     pub TypeConfig:
         D = Cmd,
         R = Reply,
         NodeId = u64,
         Node = openraft::BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot::SnapshotFile,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -135,15 +135,23 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, binc
 /// Raft timing: heartbeats every 100 ms, elections after 400-800 ms of silence, so a dead
 /// leader is replaced in about a second. Hundreds of groups share one connection per peer,
 /// where their heartbeats are batched.
-pub fn raft_config() -> openraft::Config {
+///
+/// Log compaction: a snapshot (only its meta: see [`snapshot`]) every `snapshot_every`
+/// entries, keeping a quarter of that behind it, so a replica that was away briefly catches
+/// up from the log and one away longer gets the group's state streamed.
+pub fn raft_config(snapshot_every: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "tern".into(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
-        max_payload_entries: 256,
-        // Log compaction needs snapshot transfer of chunk data (not yet built): keep the log.
-        snapshot_policy: openraft::SnapshotPolicy::Never,
+        // 1 MiB writes make large entries: keep appends to tens of MiB.
+        max_payload_entries: 32,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: snapshot_every / 4,
+        purge_batch_size: 256,
+        // Streaming a large group takes a while.
+        install_snapshot_timeout: 600_000,
         ..Default::default()
     }
 }

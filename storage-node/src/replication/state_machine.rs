@@ -6,15 +6,16 @@
 //! idempotent (block writes, zeroing, trims; volumes created with the id of their log index),
 //! so re-applying entries after a crash, from the last persisted applied id on, is harmless.
 
-use std::io::Cursor;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError, StoredMembership};
-use tern_common::validate_volume_size;
+use tern_common::{validate_volume_size, BLOCK_SIZE, CHUNK_SIZE, META_GROUP};
 use tokio::sync::Notify;
 
+use super::snapshot::{self, Record, SnapshotFile};
 use super::{decode, encode, Cmd, Entry, LogId, Membership, Reply, StorageError, TypeConfig};
 use crate::error::Error;
 use crate::keys::RaftField;
@@ -25,8 +26,12 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
 }
 
+type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+
 pub struct StateMachine {
     group: u32,
+    /// Data groups of the cluster (to know which chunks are this group's).
+    groups: u32,
     store: Arc<ChunkStore>,
     meta: Arc<MetaStore>,
     /// Node-wide: signalled when the meta group creates a volume (data groups may apply a
@@ -39,6 +44,7 @@ pub struct StateMachine {
 impl StateMachine {
     pub fn open(
         group: u32,
+        groups: u32,
         store: Arc<ChunkStore>,
         meta: Arc<MetaStore>,
         volume_created: Arc<Notify>,
@@ -52,7 +58,7 @@ impl StateMachine {
             }
             None => (None, Membership::default()),
         };
-        Ok(Self { group, store, meta, volume_created, last_applied, membership })
+        Ok(Self { group, groups, store, meta, volume_created, last_applied, membership })
     }
 
     /// The volume a data command addresses, waiting for its creation if this node has not
@@ -162,6 +168,117 @@ impl StateMachine {
         }
     }
 
+    /// Installs a received snapshot staged at `path` (see [`snapshot`]).
+    async fn install_from(&mut self, path: &std::path::Path) -> Result<(), StorageError> {
+        let mut listed: HashSet<(u64, u32)> = HashSet::new();
+        let mut current: Option<(Arc<Volume>, u32)> = None;
+        for part in snapshot::read_parts(path).map_err(sm_err)? {
+            for record in part.map_err(sm_err)? {
+                match record {
+                    Record::Volumes(recs) => self.install_volumes(recs).await?,
+                    Record::Chunk { volume, chunk } => {
+                        current = match self.volume(volume).await? {
+                            Some(v) => {
+                                self.wipe_chunk(&v, chunk).await?;
+                                listed.insert((volume, chunk));
+                                Some((v, chunk))
+                            }
+                            None => None,
+                        };
+                    }
+                    Record::Blocks { first, data } => {
+                        if let Some((v, chunk)) = &current {
+                            let off =
+                                u64::from(*chunk) * CHUNK_SIZE + u64::from(first) * BLOCK_SIZE;
+                            self.store.apply_write(v, off, data).await.map_err(sm_err)?;
+                        }
+                    }
+                    Record::Zeros { first, n } => {
+                        if let Some((v, chunk)) = &current {
+                            let off =
+                                u64::from(*chunk) * CHUNK_SIZE + u64::from(first) * BLOCK_SIZE;
+                            let len = u64::from(n) * BLOCK_SIZE;
+                            self.store
+                                .apply_write_zeroes(v, off, len, false)
+                                .await
+                                .map_err(sm_err)?;
+                        }
+                    }
+                }
+            }
+        }
+        if self.group == META_GROUP {
+            return Ok(());
+        }
+        // Chunks of this group the snapshot does not list hold nothing on the leader.
+        for v in self.store.list() {
+            let rec = v.record();
+            if rec.storage_class != "replicated" {
+                continue;
+            }
+            let n = rec.size.div_ceil(CHUNK_SIZE) as u32;
+            for chunk in 0..n {
+                if tern_common::chunk_group(rec.id, u64::from(chunk), self.groups) == self.group
+                    && !listed.contains(&(rec.id, chunk))
+                {
+                    self.wipe_chunk(&v, chunk).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns a chunk into holes (no-op for a chunk with nothing in it).
+    async fn wipe_chunk(&self, v: &Volume, chunk: u32) -> Result<(), StorageError> {
+        let map = self.store.chunk_map(v, chunk).await.map_err(sm_err)?;
+        if map.iter().all(|e| *e == crate::meta::Entry::Hole) {
+            return Ok(());
+        }
+        let off = u64::from(chunk) * CHUNK_SIZE;
+        self.store.apply_trim(v, off, CHUNK_SIZE).await.map_err(sm_err)
+    }
+
+    /// Makes the volume table equal to the snapshot's.
+    async fn install_volumes(
+        &mut self,
+        recs: Vec<crate::meta::VolumeRecord>,
+    ) -> Result<(), StorageError> {
+        let keep: HashSet<u64> = recs.iter().map(|r| r.id).collect();
+        for v in self.store.list() {
+            if v.record().storage_class == "replicated" && !keep.contains(&v.id.0) {
+                self.store.delete_volume(&v).await.map_err(sm_err)?;
+            }
+        }
+        for rec in recs {
+            match self.store.get(rec.id) {
+                Ok(v) => {
+                    let have = v.record();
+                    if have.size != rec.size {
+                        self.store.resize_volume(&v, rec.size, true).await.map_err(sm_err)?;
+                    }
+                    if have.read_only != rec.read_only {
+                        self.store.set_read_only(&v, rec.read_only).await.map_err(sm_err)?;
+                    }
+                }
+                Err(_) => {
+                    let new = NewVolume {
+                        id: Some(rec.id),
+                        name: rec.name,
+                        size: rec.size,
+                        read_only: rec.read_only,
+                        storage_class: rec.storage_class,
+                        created_at: Some(rec.created_at),
+                        tenant: rec.tenant,
+                        labels: rec.labels,
+                    };
+                    self.store.create_volume(new).await.map_err(sm_err)?;
+                    self.volume_created.notify_waiters();
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn save_applied(&self) -> Result<(), StorageError> {
         let b = encode(&(self.last_applied, &self.membership));
         self.meta.put_raft_state(self.group, RaftField::Applied, &b, false).map_err(sm_err)
@@ -217,6 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
+            group: self.group,
+            meta_store: self.meta.clone(),
+            store: self.store.clone(),
             meta: SnapshotMeta {
                 last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
@@ -225,30 +345,55 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        Ok(Box::default())
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &Meta,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
-        // The log is never compacted yet (`SnapshotPolicy::Never`), so no leader sends one.
-        Err(sm_err("installing a chunk group snapshot is not supported yet"))
+        if let Some(path) = &snapshot.path {
+            self.install_from(path).await?;
+            let _ = std::fs::remove_file(path);
+        }
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.save_applied()?;
+        save_snapshot_meta(&self.meta, self.group, meta)?;
+        tracing::info!(group = self.group, last = ?meta.last_log_id, "installed a chunk group snapshot");
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(None)
+        let Some(b) = self.meta.raft_state(self.group, RaftField::Snapshot).map_err(sm_err)? else {
+            return Ok(None);
+        };
+        let meta: Meta = decode(&b).map_err(sm_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::default() }))
     }
 }
 
+fn save_snapshot_meta(store: &MetaStore, group: u32, meta: &Meta) -> Result<(), StorageError> {
+    store.put_raft_state(group, RaftField::Snapshot, &encode(meta), false).map_err(sm_err)
+}
+
+/// Builds a snapshot: records its meta (the chunk store already holds the state).
 pub struct SnapshotBuilder {
-    meta: SnapshotMeta<u64, openraft::BasicNode>,
+    group: u32,
+    meta_store: Arc<MetaStore>,
+    store: Arc<ChunkStore>,
+    meta: Meta,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(Cursor::new(Vec::new())) })
+        // The log up to this meta may be purged once it is saved: first make the state it
+        // stands for durable (data files, then the WAL), so that not even a power loss leaves
+        // a purged log without its applied state.
+        self.store.barrier().await.map_err(sm_err)?;
+        save_snapshot_meta(&self.meta_store, self.group, &self.meta)?;
+        Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::default() })
     }
 }

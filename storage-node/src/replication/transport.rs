@@ -1,9 +1,10 @@
 //! Raft traffic between storage nodes.
 //!
-//! Each peer node has one [`Peer`]: one HTTP/2 connection and a task that batches the
-//! messages of all chunk groups into `RaftTransport.Send` calls. Up to [`MAX_IN_FLIGHT`]
-//! batches are outstanding per peer; while they are, new messages queue and leave together in
-//! the next batch, so hundreds of groups' heartbeats cost a handful of RPCs.
+//! Each peer node has one [`Peer`]: two lanes (TCP connections), one for small messages
+//! (heartbeats, votes, small appends) and one for appends carrying data, each with a task
+//! that batches the messages of all chunk groups into `RaftTransport.Send` calls. Up to
+//! [`MAX_IN_FLIGHT`] batches are outstanding per lane; while they are, new messages queue and
+//! leave together in the next batch, so hundreds of groups' heartbeats cost a few RPCs.
 //!
 //! A test-only fault switch ([`Transport::set_isolated`], enabled by `--fault-injection`)
 //! drops all traffic to and from chosen nodes, as a network partition would.
@@ -25,12 +26,20 @@ use tern_proto::v1::{self, raft_transport_client::RaftTransportClient, RaftKind}
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Endpoint;
 
+use super::snapshot::{self, Header, SnapshotFile};
 use super::{decode, encode, TypeConfig};
+use crate::store::ChunkStore;
 
-/// Batches in flight to one peer before messages wait (and batch up).
+/// Batches in flight per lane before messages wait (and batch up).
 const MAX_IN_FLIGHT: usize = 4;
 /// Messages per batch at most.
 const MAX_BATCH: usize = 512;
+/// Bytes of payload per batch, beyond its first message.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Messages larger than this (appends carrying data) travel on the bulk lane, so that
+/// heartbeats and votes never queue behind megabytes of data: a vote stuck behind a large
+/// append would time out, and elections would churn.
+const BULK_BYTES: usize = 64 << 10;
 
 type Reply = Result<Vec<u8>, String>;
 
@@ -39,9 +48,15 @@ struct Outgoing {
     reply: oneshot::Sender<Reply>,
 }
 
-/// The connection to one peer node.
+type Client = RaftTransportClient<tonic::transport::Channel>;
+
+/// The connections to one peer node: a lane for small messages and one for bulk, each its
+/// own TCP connection.
 struct Peer {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    small: mpsc::UnboundedSender<Outgoing>,
+    bulk: mpsc::UnboundedSender<Outgoing>,
+    /// For snapshot streams (the bulk connection).
+    client: Client,
 }
 
 impl Peer {
@@ -51,50 +66,82 @@ impl Peer {
             .connect_timeout(Duration::from_millis(500))
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20);
-        let client = RaftTransportClient::new(ep.connect_lazy())
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
-        tokio::spawn(async move {
-            let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-            loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else { return };
-                let Some(first) = rx.recv().await else { return };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
+        let client = || {
+            RaftTransportClient::new(ep.connect_lazy())
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20)
+        };
+        let bulk = client();
+        Ok(Self {
+            small: lane(from, to, client()),
+            bulk: lane(from, to, bulk.clone()),
+            client: bulk,
+        })
+    }
+
+    fn send(&self, o: Outgoing) -> Result<(), Outgoing> {
+        let lane = if o.msg.payload.len() > BULK_BYTES { &self.bulk } else { &self.small };
+        lane.send(o).map_err(|e| e.0)
+    }
+}
+
+/// Starts a lane: a task batching queued messages into `RaftTransport.Send` calls.
+fn lane(from: u64, to: u64, client: Client) -> mpsc::UnboundedSender<Outgoing> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut held: Option<Outgoing> = None;
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let first = match held.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let mut bytes = first.msg.payload.len();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) if bytes + m.msg.payload.len() > MAX_BATCH_BYTES => {
+                        held = Some(m);
+                        break;
+                    }
+                    Ok(m) => {
+                        bytes += m.msg.payload.len();
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let (messages, waiters): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|o| (o.msg, o.reply)).unzip();
+                match client.send(v1::RaftBatch { from, to, messages }).await {
+                    Ok(r) => {
+                        let mut replies = r.into_inner().replies.into_iter();
+                        for w in waiters {
+                            let reply = match replies.next() {
+                                Some(r) if r.error.is_empty() => Ok(r.payload.to_vec()),
+                                Some(r) => Err(r.error),
+                                None => Err("peer sent too few replies".to_string()),
+                            };
+                            let _ = w.send(reply);
+                        }
+                    }
+                    Err(s) => {
+                        for w in waiters {
+                            let _ = w.send(Err(format!("{}: {}", s.code(), s.message())));
+                        }
                     }
                 }
-                let mut client = client.clone();
-                tokio::spawn(async move {
-                    let (messages, waiters): (Vec<_>, Vec<_>) =
-                        batch.into_iter().map(|o| (o.msg, o.reply)).unzip();
-                    match client.send(v1::RaftBatch { from, to, messages }).await {
-                        Ok(r) => {
-                            let mut replies = r.into_inner().replies.into_iter();
-                            for w in waiters {
-                                let reply = match replies.next() {
-                                    Some(r) if r.error.is_empty() => Ok(r.payload.to_vec()),
-                                    Some(r) => Err(r.error),
-                                    None => Err("peer sent too few replies".to_string()),
-                                };
-                                let _ = w.send(reply);
-                            }
-                        }
-                        Err(s) => {
-                            for w in waiters {
-                                let _ = w.send(Err(format!("{}: {}", s.code(), s.message())));
-                            }
-                        }
-                    }
-                    drop(permit);
-                });
-            }
-        });
-        Ok(Self { tx })
-    }
+                drop(permit);
+            });
+        }
+    });
+    tx
 }
 
 /// Why a message got no answer.
@@ -117,12 +164,17 @@ pub struct Transport {
     node_id: u64,
     peers: HashMap<u64, Peer>,
     isolated: RwLock<HashSet<u64>>,
+    /// Snapshots are streamed from here.
+    store: Arc<ChunkStore>,
+    groups: u32,
 }
 
 impl Transport {
     pub fn new(
         node_id: u64,
         nodes: &[(u64, String)],
+        store: Arc<ChunkStore>,
+        groups: u32,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let mut peers = HashMap::new();
         for (id, address) in nodes {
@@ -130,7 +182,7 @@ impl Transport {
                 peers.insert(*id, Peer::start(node_id, *id, address)?);
             }
         }
-        Ok(Arc::new(Self { node_id, peers, isolated: RwLock::default() }))
+        Ok(Arc::new(Self { node_id, peers, isolated: RwLock::default(), store, groups }))
     }
 
     pub fn set_isolated(&self, nodes: impl IntoIterator<Item = u64>) {
@@ -156,8 +208,7 @@ impl Transport {
         let peer = self.peers.get(&to).ok_or(SendError::UnknownNode(to))?;
         let (w, r) = oneshot::channel();
         let msg = v1::RaftMessage { group, kind: kind as i32, payload: payload.into() };
-        peer.tx
-            .send(Outgoing { msg, reply: w })
+        peer.send(Outgoing { msg, reply: w })
             .map_err(|_| SendError::Failed(to, "transport stopped".into()))?;
         match tokio::time::timeout(ttl, r).await {
             Err(_) => Err(SendError::Timeout(to, ttl)),
@@ -238,18 +289,87 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         self.rpc(RaftKind::Vote, &rpc, &option).await
     }
 
+    /// Streams the group's live state to the target (see [`snapshot`]).
     async fn full_snapshot(
         &mut self,
-        _vote: openraft::Vote<u64>,
-        _snapshot: Snapshot<TypeConfig>,
-        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        vote: openraft::Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
-        // Logs are never compacted yet (`SnapshotPolicy::Never`): a leader always has the
-        // entries a follower lacks, and openraft never gets here.
-        let e =
-            SendError::Failed(self.target, "chunk group snapshot transfer is not built yet".into());
-        Err(StreamingError::Unreachable(Unreachable::new(&e)))
+        let unreachable = |e: SendError| StreamingError::Unreachable(Unreachable::new(&e));
+        let t = &self.transport;
+        if t.is_isolated(self.target) {
+            return Err(unreachable(SendError::Isolated(self.target)));
+        }
+        let mut client = t
+            .peers
+            .get(&self.target)
+            .ok_or_else(|| unreachable(SendError::UnknownNode(self.target)))?
+            .client
+            .clone();
+        let (group, from, target) = (self.group, t.node_id, self.target);
+        let header = encode(&Header { vote, meta: snapshot.meta.clone() });
+        let (part_tx, part_rx) = mpsc::channel::<v1::SnapshotPart>(4);
+        let (rec_tx, mut rec_rx) = mpsc::channel::<Vec<u8>>(4);
+        let first =
+            v1::SnapshotPart { from, group, header: header.into(), records: Default::default() };
+        let _ = part_tx.send(first).await;
+        let (store, groups) = (t.store.clone(), t.groups);
+        let producer =
+            tokio::spawn(
+                async move { snapshot::stream_group(&store, group, groups, rec_tx).await },
+            );
+        tokio::spawn(async move {
+            while let Some(records) = rec_rx.recv().await {
+                let part = v1::SnapshotPart {
+                    from,
+                    group,
+                    header: Default::default(),
+                    records: records.into(),
+                };
+                if part_tx.send(part).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(part_rx));
+        let reply = tokio::select! {
+            r = call => r,
+            closed = cancel => {
+                producer.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+        };
+        let sent = match producer.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                return Err(unreachable(SendError::Failed(
+                    target,
+                    format!("reading the group: {e}"),
+                )))
+            }
+            Err(e) => return Err(unreachable(SendError::Failed(target, e.to_string()))),
+        };
+        let reply =
+            reply.map_err(|s| unreachable(SendError::Failed(target, s.message().to_string())))?;
+        let reply = reply.into_inner();
+        if !reply.error.is_empty() {
+            return Err(unreachable(SendError::Failed(target, reply.error)));
+        }
+        let r: Result<SnapshotResponse<u64>, Fatal<u64>> = decode(&reply.payload)
+            .map_err(|e| unreachable(SendError::BadReply(target, e.to_string())))?;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            group,
+            target,
+            bytes = sent,
+            secs,
+            mb_per_s = sent as f64 / 1e6 / secs.max(1e-3),
+            "sent a chunk group snapshot"
+        );
+        r.map_err(|f| StreamingError::RemoteError(RemoteError::new(target, f)))
     }
 }
 
@@ -302,11 +422,81 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
         Ok(tonic::Response::new(v1::RaftBatchReply { replies }))
     }
 
+    /// Stages a snapshot stream in a file, then hands it to the group's Raft, which installs
+    /// it on the state machine's worker.
     async fn install_snapshot(
         &self,
-        _req: tonic::Request<tonic::Streaming<v1::SnapshotPart>>,
+        req: tonic::Request<tonic::Streaming<v1::SnapshotPart>>,
     ) -> Result<tonic::Response<v1::SnapshotReply>, tonic::Status> {
-        Err(tonic::Status::unimplemented("chunk group snapshot transfer is not built yet"))
+        use tonic::Status;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        if self.cluster.transport().is_isolated(first.from) {
+            return Err(Status::unavailable("cut off by the fault switch"));
+        }
+        let header: Header = decode(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
+        let group = first.group;
+        let raft = self
+            .cluster
+            .raft(group)
+            .ok_or_else(|| Status::invalid_argument(format!("no chunk group {group}")))?
+            .clone();
+        let dir = snapshot::staging_dir(&self.cluster.transport().store);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = dir.join(format!("g{group}-{nanos}.part"));
+        let mut file = std::fs::File::create(&path)
+            .map_err(|e| Status::internal(format!("staging {}: {e}", path.display())))?;
+        let mut bytes = 0u64;
+        let received: Result<(), Status> = async {
+            while let Some(part) = inbound.message().await? {
+                if !part.records.is_empty() {
+                    bytes += part.records.len() as u64;
+                    snapshot::write_part(&mut file, &part.records)
+                        .map_err(|e| Status::internal(format!("staging a snapshot: {e}")))?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(file);
+        if let Err(e) = received {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        tracing::info!(group, from = first.from, bytes, "received a chunk group snapshot");
+        let snap = Snapshot {
+            meta: header.meta,
+            snapshot: Box::new(SnapshotFile { path: Some(path.clone()) }),
+        };
+        let r = raft.install_full_snapshot(header.vote, snap).await;
+        let _ = std::fs::remove_file(&path);
+        Ok(tonic::Response::new(v1::SnapshotReply {
+            payload: encode(&r).into(),
+            error: String::new(),
+        }))
+    }
+
+    async fn digest(
+        &self,
+        req: tonic::Request<v1::DigestRequest>,
+    ) -> Result<tonic::Response<v1::DigestReply>, tonic::Status> {
+        let group = req.into_inner().group;
+        let raft = self
+            .cluster
+            .raft(group)
+            .ok_or_else(|| tonic::Status::invalid_argument(format!("no chunk group {group}")))?;
+        // Applied index first: the digest then covers at least that much.
+        let applied_index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        let t = self.cluster.transport();
+        let (digest, data_blocks) =
+            snapshot::digest_group(&t.store, group, t.groups).await.map_err(tonic::Status::from)?;
+        Ok(tonic::Response::new(v1::DigestReply { applied_index, digest, data_blocks }))
     }
 
     async fn set_faults(
