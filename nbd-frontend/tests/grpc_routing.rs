@@ -149,6 +149,27 @@ impl Cluster for Fake {
         let map = self.script.lock().map.clone();
         map.map(Response::new).ok_or_else(|| Status::unimplemented("no cluster here"))
     }
+
+    async fn replace_node(
+        &self,
+        _: Request<v1::ReplaceNodeRequest>,
+    ) -> Result<Response<v1::ReplacementStatus>, Status> {
+        unimplemented()
+    }
+
+    async fn get_replacement(
+        &self,
+        _: Request<v1::GetReplacementRequest>,
+    ) -> Result<Response<v1::ReplacementStatus>, Status> {
+        unimplemented()
+    }
+
+    async fn change_replica(
+        &self,
+        _: Request<v1::ChangeReplicaRequest>,
+    ) -> Result<Response<v1::ChangeReplicaReply>, Status> {
+        unimplemented()
+    }
 }
 
 type IoStream =

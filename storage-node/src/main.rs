@@ -58,6 +58,10 @@ struct Args {
     /// this long; a replica further behind gets the group's data streamed instead.
     #[arg(long, default_value_t = 4096)]
     snapshot_every: u64,
+    /// A new node not in --cluster, started to replace one (`tern node replace`): its groups
+    /// start empty and fill as the replacement adds it.
+    #[arg(long)]
+    join: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
                     fault_injection: args.fault_injection,
                     unsafe_no_replication: args.unsafe_no_replication,
                     snapshot_every: args.snapshot_every,
+                    join: args.join,
                 };
                 if cfg.unsafe_no_replication {
                     tracing::warn!(

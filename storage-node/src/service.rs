@@ -547,14 +547,10 @@ impl cluster_server::Cluster for Service {
             }));
         };
         let cfg = c.config();
-        let nodes = cfg
-            .nodes
-            .iter()
-            .map(|n| v1::NodeInfo {
-                id: n.id,
-                address: n.address.clone(),
-                datacenter: n.datacenter.clone(),
-            })
+        let nodes = c
+            .members()
+            .into_iter()
+            .map(|(id, m)| v1::NodeInfo { id, address: m.address, datacenter: m.datacenter })
             .collect();
         let group_state = c
             .group_states()
@@ -568,4 +564,70 @@ impl cluster_server::Cluster for Service {
             group_state,
         }))
     }
+
+    async fn replace_node(
+        &self,
+        req: Request<v1::ReplaceNodeRequest>,
+    ) -> Result<Response<v1::ReplacementStatus>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        let (new, member) = member_of(r.new)?;
+        c.start_replacement(r.old, new, member)?;
+        Ok(Response::new(replacement_status(c.replacement())))
+    }
+
+    async fn get_replacement(
+        &self,
+        _req: Request<v1::GetReplacementRequest>,
+    ) -> Result<Response<v1::ReplacementStatus>, Status> {
+        let c = self.cluster_or_refuse()?;
+        Ok(Response::new(replacement_status(c.replacement())))
+    }
+
+    async fn change_replica(
+        &self,
+        req: Request<v1::ChangeReplicaRequest>,
+    ) -> Result<Response<v1::ChangeReplicaReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        let (new, member) = member_of(r.new)?;
+        c.change_replica(r.group, r.old, new, member).await?;
+        Ok(Response::new(v1::ChangeReplicaReply {}))
+    }
+}
+
+fn replacement_status(
+    r: Option<crate::replication::cluster::Replacement>,
+) -> v1::ReplacementStatus {
+    match r {
+        None => v1::ReplacementStatus::default(),
+        Some(r) => v1::ReplacementStatus {
+            active: r.finished.is_none(),
+            old: r.old,
+            new: r.new,
+            groups_total: r.total,
+            groups_done: r.done,
+            seconds: r.finished.unwrap_or_else(|| r.started.elapsed()).as_secs_f64(),
+            finished: r.finished.is_some(),
+            last_error: r.last_error,
+        },
+    }
+}
+
+impl Service {
+    fn cluster_or_refuse(&self) -> Result<&Arc<Cluster>, Status> {
+        self.cluster.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this node runs alone (no --cluster): nothing to replace")
+        })
+    }
+}
+
+fn member_of(n: Option<v1::NodeInfo>) -> Result<(u64, crate::replication::Member), Status> {
+    let n = n.ok_or_else(|| Status::invalid_argument("the new node is missing"))?;
+    if n.id == 0 || n.address.is_empty() || n.datacenter.is_empty() || !n.address.contains(':') {
+        return Err(Status::invalid_argument(
+            "the new node needs an id, a host:port and a datacenter",
+        ));
+    }
+    Ok((n.id, crate::replication::Member { address: n.address, datacenter: n.datacenter }))
 }

@@ -78,8 +78,9 @@ impl Cluster {
         c
     }
 
+    /// The original members (`--cluster`); nodes added later join with `--join`.
     fn members(&self) -> String {
-        self.nodes
+        self.nodes[..3]
             .iter()
             .map(|n| format!("{}={}@{}", n.id, n.addr, n.datacenter))
             .collect::<Vec<_>>()
@@ -98,10 +99,39 @@ impl Cluster {
             .args(["--cluster", &self.members(), "--groups", &self.groups.to_string()])
             .arg("--fault-injection")
             .args(&self.node_args);
+        if i >= 3 {
+            cmd.arg("--join");
+        }
         let child =
             spawn_daemon(self.dir.path(), &format!("node{}", n.id), cmd, n.addr, || self.logs());
         self.nodes[i].child = Some(child);
         self.nodes[i].stopped = false;
+    }
+
+    /// Starts a new node in datacenter `dc` (1-based), outside the original members, to
+    /// replace one; returns its index.
+    pub fn add_node(&mut self, id: u64, dc: usize) -> usize {
+        let ip = format!(
+            "127.0.{dc}.{}",
+            1 + self.nodes.iter().filter(|n| n.datacenter == format!("dc{dc}")).count()
+        );
+        let port = free_port_on(&ip);
+        self.nodes.push(Node {
+            id,
+            addr: format!("{ip}:{port}").parse().unwrap(),
+            datacenter: format!("dc{dc}"),
+            child: None,
+            stopped: false,
+        });
+        let i = self.nodes.len() - 1;
+        self.start_node(i);
+        i
+    }
+
+    /// `ID=HOST:PORT@DC` of node `i`, as `tern node replace --with` takes it.
+    pub fn spec(&self, i: usize) -> String {
+        let n = &self.nodes[i];
+        format!("{}={}@{}", n.id, n.addr, n.datacenter)
     }
 
     pub fn start_frontend(&mut self) {
@@ -219,6 +249,9 @@ impl Cluster {
         block_on(async move {
             let mut c = v1::raft_transport_client::RaftTransportClient::connect(addr).await.ok()?;
             let r = c.digest(v1::DigestRequest { group }).await.ok()?.into_inner();
+            if std::env::var_os("TERN_DIGEST_DETAIL").is_some() {
+                eprintln!("node {i} group {group}: {}", r.detail);
+            }
             Some((r.applied_index, r.digest, r.data_blocks))
         })
     }

@@ -223,3 +223,47 @@ fn a_node_behind_the_compacted_log_catches_up_from_a_snapshot() {
     assert!(ok, "the cluster without its old leader failed\n{report}\n{}", c.logs());
     c.must_be_alive();
 }
+
+/// A node gone for good is replaced by a new node of its datacenter while a workload runs:
+/// `tern node replace` moves every group's replica (the new node catches up from the log or
+/// a snapshot), the history stays clean, and afterwards the new node is a full replica: the
+/// replicas agree, and the cluster serves everything with another original node gone too.
+#[test]
+fn node_replacement_under_load() {
+    let mut c = Cluster::start_with(8, &["--snapshot-every", "256"]);
+    c.must_tern(0, &["volume", "create", "before", "--size", "1G"]);
+    let w = start_workload(&c, "before", 3);
+    let (ok, report) = finish(&c, w, "before");
+    assert!(ok, "history check failed before the replacement\n{report}");
+    let leader = busiest_leader(&c);
+    let victim = (leader + 2) % 3;
+    let dc = victim + 1;
+    c.kill9(victim);
+    let new = c.add_node(4, dc);
+    c.must_tern(leader, &["volume", "create", "during", "--size", "1G"]);
+    let w = start_workload(&c, "during", 10);
+    let spec = c.spec(new);
+    let started = std::time::Instant::now();
+    let old = c.nodes[victim].id.to_string();
+    let out = c.must_tern(leader, &["node", "replace", &old, "--with", &spec]);
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("{out}");
+    assert!(out.contains("done"), "replacement did not finish\n{out}\n{}", c.logs());
+    let (ok, report) = finish(&c, w, "during");
+    assert!(ok, "history check failed during the replacement\n{report}\n{}", c.logs());
+    let blocks: u64 = c.wait_replicas_agree(Duration::from_secs(60)).iter().sum();
+    eprintln!(
+        "replaced node {old} in {secs:.1} s; {:.1} MiB per replica",
+        (blocks * 4096) as f64 / (1 << 20) as f64
+    );
+    // The new node is a full replica: with another original node gone, it and the leader
+    // still serve the volume written before it existed.
+    let other = (0..3).find(|&i| i != victim && i != leader).unwrap();
+    c.kill9(other);
+    let o = c.tern(leader, &["volume", "get", "before"]);
+    assert!(o.status.success(), "volume lost after the replacement\n{}", c.logs());
+    c.must_tern(leader, &["volume", "create", "after", "--size", "1G"]);
+    let w = start_workload(&c, "after", 2);
+    let (ok, report) = finish(&c, w, "after");
+    assert!(ok, "the cluster with its new node failed\n{report}\n{}", c.logs());
+}

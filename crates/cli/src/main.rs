@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tern_common::{format_size, parse_size, validate_volume_name, validate_volume_size};
-use tern_proto::v1::{self, volume_admin_client::VolumeAdminClient, volume_ref};
+use tern_proto::v1::{
+    self, cluster_client::ClusterClient, volume_admin_client::VolumeAdminClient, volume_ref,
+};
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
@@ -86,6 +88,58 @@ enum VolumeCmd {
 enum NodeCmd {
     /// Show the node's status.
     Status,
+    /// Move every replica of node OLD (gone for good, or to retire) to a new node of the same
+    /// datacenter, started with `tern-storage-node --join`. Shows progress until done; run it
+    /// again to resume after an interruption.
+    Replace {
+        old: u64,
+        /// The new node: ID=HOST:PORT@DATACENTER.
+        #[arg(long = "with")]
+        with: String,
+        /// Start it and return at once (`tern node replacement` shows progress).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Progress of the node replacement driven by the endpoint node.
+    Replacement,
+}
+
+/// Parses ID=HOST:PORT@DATACENTER.
+fn parse_node_spec(s: &str) -> Result<v1::NodeInfo, String> {
+    let bad = || format!("{s:?} is not ID=HOST:PORT@DATACENTER");
+    let (id, rest) = s.split_once('=').ok_or_else(bad)?;
+    let (address, datacenter) = rest.rsplit_once('@').ok_or_else(bad)?;
+    let id: u64 = id.parse().map_err(|_| bad())?;
+    if id == 0 || !address.contains(':') || datacenter.is_empty() {
+        return Err(bad());
+    }
+    Ok(v1::NodeInfo { id, address: address.into(), datacenter: datacenter.into() })
+}
+
+fn print_replacement(json: bool, r: &v1::ReplacementStatus) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "old": r.old, "new": r.new, "groups_total": r.groups_total,
+                "groups_done": r.groups_done, "seconds": r.seconds, "finished": r.finished,
+                "active": r.active, "last_error": r.last_error,
+            })
+        );
+    } else if r.old == 0 {
+        println!("no node replacement was started on this node");
+    } else {
+        let state = if r.finished { "done" } else { "moving" };
+        let err = if r.last_error.is_empty() || r.finished {
+            String::new()
+        } else {
+            format!(" (retrying: {})", r.last_error)
+        };
+        println!(
+            "{state}: node {} -> node {}: {}/{} chunk groups in {:.1} s{err}",
+            r.old, r.new, r.groups_done, r.groups_total, r.seconds
+        );
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -208,7 +262,7 @@ fn show_volume(json: bool, v: &v1::Volume) {
     }
 }
 
-async fn connect(endpoint: &str) -> Result<VolumeAdminClient<Channel>, Fail> {
+async fn connect(endpoint: &str) -> Result<Channel, Fail> {
     let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| Fail::usage(format!("bad endpoint {endpoint:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(3));
@@ -216,7 +270,7 @@ async fn connect(endpoint: &str) -> Result<VolumeAdminClient<Channel>, Fail> {
         .connect()
         .await
         .map_err(|e| Fail { code: 5, msg: format!("cannot reach {endpoint}: {e}") })?;
-    Ok(VolumeAdminClient::new(ch))
+    Ok(ch)
 }
 
 async fn run(cli: Cli) -> Result<(), Fail> {
@@ -231,7 +285,11 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         _ => {}
     }
-    let mut c = connect(&cli.endpoint).await?;
+    if let Cmd::Node(NodeCmd::Replace { with, .. }) = &cli.cmd {
+        parse_node_spec(with).map_err(Fail::usage)?;
+    }
+    let channel = connect(&cli.endpoint).await?;
+    let mut c = VolumeAdminClient::new(channel.clone());
     let json = cli.json;
     match cli.cmd {
         Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class }) => {
@@ -281,6 +339,25 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             } else {
                 println!("deleted volume {name}");
             }
+        }
+        Cmd::Node(NodeCmd::Replace { old, with, no_wait }) => {
+            let mut cl = ClusterClient::new(channel);
+            let new = parse_node_spec(&with).map_err(Fail::usage)?;
+            let mut r =
+                cl.replace_node(v1::ReplaceNodeRequest { old, new: Some(new) }).await?.into_inner();
+            while !no_wait && !r.finished {
+                if !json {
+                    print_replacement(false, &r);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                r = cl.get_replacement(v1::GetReplacementRequest {}).await?.into_inner();
+            }
+            print_replacement(json, &r);
+        }
+        Cmd::Node(NodeCmd::Replacement) => {
+            let mut cl = ClusterClient::new(channel);
+            let r = cl.get_replacement(v1::GetReplacementRequest {}).await?.into_inner();
+            print_replacement(json, &r);
         }
         Cmd::Node(NodeCmd::Status) => {
             let s = c.node_status(v1::NodeStatusRequest {}).await?.into_inner();

@@ -4,13 +4,13 @@
 //! node, and the cluster needs one node per datacenter. The node with the lowest id
 //! initializes the groups the first time the cluster starts.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::BasicNode;
+use openraft::ChangeMembers;
 use parking_lot::Mutex;
 use tern_common::{chunk_group, CHUNK_SIZE, META_GROUP};
 use tokio::sync::{oneshot, Notify};
@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::transport::{GroupNetworkFactory, Transport};
-use super::{raft_config, Cmd, Raft, Reply};
+use super::{raft_config, Cmd, Member, Raft, Reply};
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::store::{ChunkStore, Volume};
@@ -45,6 +45,9 @@ pub struct ClusterConfig {
     pub unsafe_no_replication: bool,
     /// Log entries between snapshots of a group (see `raft_config`).
     pub snapshot_every: u64,
+    /// This node is new, not in `nodes`: it starts with empty groups and waits to be added
+    /// to them (a replacement).
+    pub join: bool,
 }
 
 /// The most data groups a cluster may have.
@@ -75,8 +78,15 @@ impl ClusterConfig {
         if ids.len() != self.nodes.len() {
             return Err("a node id appears twice in the cluster".into());
         }
-        if !ids.contains(&self.node_id) {
-            return Err(format!("this node ({}) is not in the cluster list", self.node_id));
+        if !ids.contains(&self.node_id) && !self.join {
+            return Err(format!(
+                "this node ({}) is not in the cluster list (a new node joining to replace one \
+                 runs with --join)",
+                self.node_id
+            ));
+        }
+        if ids.contains(&self.node_id) && self.join {
+            return Err(format!("node {} is already a cluster member; drop --join", self.node_id));
         }
         let dcs: HashSet<&str> = self.nodes.iter().map(|n| n.datacenter.as_str()).collect();
         if dcs.len() != self.nodes.len() {
@@ -98,8 +108,21 @@ struct ReadGate {
     state: Mutex<(bool, Vec<oneshot::Sender<Result<()>>>)>,
 }
 
+/// Progress of a node replacement driven from this node.
+#[derive(Clone, Debug)]
+pub struct Replacement {
+    pub old: u64,
+    pub new: u64,
+    pub total: u32,
+    pub done: u32,
+    pub started: std::time::Instant,
+    pub finished: Option<Duration>,
+    pub last_error: String,
+}
+
 pub struct Cluster {
     cfg: ClusterConfig,
+    replacement: Arc<Mutex<Option<Replacement>>>,
     store: Arc<ChunkStore>,
     transport: Arc<Transport>,
     /// Index = group id (0 = the meta group).
@@ -151,7 +174,7 @@ impl Cluster {
             rafts.push(Raft::new(cfg.node_id, config.clone(), net, log, sm).await?);
         }
         let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
-        let c = Arc::new(Self { cfg, store, transport, rafts, reads });
+        let c = Arc::new(Self { cfg, store, transport, rafts, reads, replacement: Arc::default() });
         c.clone().spawn_bootstrap();
         tracing::info!(groups = c.cfg.groups, nodes = c.cfg.nodes.len(), "cluster groups started");
         Ok(c)
@@ -159,15 +182,18 @@ impl Cluster {
 
     /// The lowest node id initializes every group once, with all nodes as voters.
     fn spawn_bootstrap(self: Arc<Self>) {
-        if self.cfg.nodes.iter().map(|n| n.id).min() != Some(self.cfg.node_id) {
+        if self.cfg.join || self.cfg.nodes.iter().map(|n| n.id).min() != Some(self.cfg.node_id) {
             return;
         }
         tokio::spawn(async move {
-            let members: BTreeMap<u64, BasicNode> = self
+            let members: BTreeMap<u64, Member> = self
                 .cfg
                 .nodes
                 .iter()
-                .map(|n| (n.id, BasicNode { addr: n.address.clone() }))
+                .map(|n| {
+                    let m = Member { address: n.address.clone(), datacenter: n.datacenter.clone() };
+                    (n.id, m)
+                })
                 .collect();
             let mut fresh = 0;
             for raft in &self.rafts {
@@ -197,8 +223,176 @@ impl Cluster {
         self.rafts.get(group as usize)
     }
 
-    pub fn address_of(&self, node: u64) -> Option<&str> {
-        self.cfg.nodes.iter().find(|n| n.id == node).map(|n| n.address.as_str())
+    pub fn address_of(&self, node: u64) -> Option<String> {
+        self.members().remove(&node).map(|m| m.address)
+    }
+
+    /// Every node this one knows of: the configured members and every member of a group's
+    /// membership (replacements join that way).
+    pub fn members(&self) -> BTreeMap<u64, Member> {
+        let mut out: BTreeMap<u64, Member> = self
+            .cfg
+            .nodes
+            .iter()
+            .map(|n| {
+                (n.id, Member { address: n.address.clone(), datacenter: n.datacenter.clone() })
+            })
+            .collect();
+        for r in &self.rafts {
+            let m = r.metrics().borrow().membership_config.clone();
+            for (id, node) in m.membership().nodes() {
+                out.insert(*id, node.clone());
+            }
+        }
+        out
+    }
+
+    /// Starts moving every replica of `old` to `new` (see `Cluster.ReplaceNode`).
+    pub fn start_replacement(self: &Arc<Self>, old: u64, new: u64, member: Member) -> Result<()> {
+        let members = self.members();
+        let Some(old_member) = members.get(&old) else {
+            return Err(Error::Unsupported("replacing a node that is not a member"));
+        };
+        if old_member.datacenter != member.datacenter {
+            return Err(Error::Refused {
+                code: tonic::Code::InvalidArgument as i32,
+                message: format!(
+                    "node {old} is in {}; its replacement must be too (got {})",
+                    old_member.datacenter, member.datacenter
+                ),
+            });
+        }
+        if members.contains_key(&new) && self.cfg.nodes.iter().any(|n| n.id == new) {
+            return Err(Error::Unsupported("the replacement is an original member already"));
+        }
+        {
+            let mut r = self.replacement.lock();
+            if let Some(cur) = r.as_ref().filter(|c| c.finished.is_none()) {
+                if cur.old == old && cur.new == new {
+                    return Ok(());
+                }
+                return Err(Error::Refused {
+                    code: tonic::Code::FailedPrecondition as i32,
+                    message: format!("replacing node {} by {} is under way", cur.old, cur.new),
+                });
+            }
+            *r = Some(Replacement {
+                old,
+                new,
+                total: self.rafts.len() as u32,
+                done: 0,
+                started: std::time::Instant::now(),
+                finished: None,
+                last_error: String::new(),
+            });
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tracing::info!(old, new, "replacing a node");
+            for group in 0..me.rafts.len() as u32 {
+                loop {
+                    match me.replace_in_group(group, old, new, &member).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(group, %e, "replacement step failed; retrying");
+                            if let Some(r) = me.replacement.lock().as_mut() {
+                                r.last_error = format!("group {group}: {e}");
+                            }
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+                if let Some(r) = me.replacement.lock().as_mut() {
+                    r.done += 1;
+                }
+            }
+            if let Some(r) = me.replacement.lock().as_mut() {
+                r.finished = Some(r.started.elapsed());
+                tracing::info!(old, new, secs = r.started.elapsed().as_secs_f64(), "node replaced");
+            }
+        });
+        Ok(())
+    }
+
+    pub fn replacement(&self) -> Option<Replacement> {
+        self.replacement.lock().clone()
+    }
+
+    /// One group's step, sent to the group's leader.
+    async fn replace_in_group(
+        &self,
+        group: u32,
+        old: u64,
+        new: u64,
+        member: &Member,
+    ) -> Result<()> {
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let leader = raft.metrics().borrow().current_leader;
+        match leader {
+            None => Err(Error::Unavailable(format!("group {group} has no leader"))),
+            Some(l) if l == self.cfg.node_id => {
+                self.change_replica(group, old, new, member.clone()).await
+            }
+            Some(l) => {
+                let addr =
+                    self.address_of(l).ok_or(Error::Unavailable(format!("leader {l} unknown")))?;
+                let mut c = tern_proto::v1::cluster_client::ClusterClient::connect(format!(
+                    "http://{addr}"
+                ))
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+                let req = tern_proto::v1::ChangeReplicaRequest {
+                    group,
+                    old,
+                    new: Some(tern_proto::v1::NodeInfo {
+                        id: new,
+                        address: member.address.clone(),
+                        datacenter: member.datacenter.clone(),
+                    }),
+                };
+                c.change_replica(req)
+                    .await
+                    .map_err(|s| Error::Unavailable(s.message().to_string()))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// On `group`'s leader: adds `new` as a learner and waits until it caught up (from the
+    /// log, or a snapshot streamed from the chunk store), then makes it a voter in `old`'s
+    /// place. Idempotent: a group already moved is left alone.
+    pub async fn change_replica(
+        &self,
+        group: u32,
+        old: u64,
+        new: u64,
+        member: Member,
+    ) -> Result<()> {
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let m = raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        if voters.contains(&new) && !voters.contains(&old) {
+            return Ok(());
+        }
+        let map = |group: u32| {
+            move |e: RaftError<u64, ClientWriteError<u64, Member>>| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    Error::NotLeader { group, leader: f.leader_id }
+                }
+                e => Error::Unavailable(e.to_string()),
+            }
+        };
+        if !m.membership().nodes().any(|(id, _)| *id == new) {
+            raft.add_learner(new, member, true).await.map_err(map(group))?;
+        }
+        let mut next = voters;
+        next.remove(&old);
+        next.insert(new);
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(next), false)
+            .await
+            .map_err(map(group))?;
+        tracing::info!(group, old, new, "replica moved");
+        Ok(())
     }
 
     /// `(group, leader as known here, term)` of every group.

@@ -106,6 +106,19 @@ pub enum Reply {
     Refused { code: i32, message: String },
 }
 
+/// A replica's node as group memberships record it: where to reach it, and its datacenter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub address: String,
+    pub datacenter: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.address, self.datacenter)
+    }
+}
+
 openraft::declare_raft_types!(
     /// Tern's Raft types: node ids are storage node ids; snapshots are streamed by the
     /// transport from the live chunk store (see [`snapshot`]).
@@ -113,7 +126,7 @@ openraft::declare_raft_types!(
         D = Cmd,
         R = Reply,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = Member,
         SnapshotData = snapshot::SnapshotFile,
 );
 
@@ -122,7 +135,7 @@ pub type Entry = openraft::Entry<TypeConfig>;
 pub type LogId = openraft::LogId<u64>;
 pub type Vote = openraft::Vote<u64>;
 pub type StorageError = openraft::StorageError<u64>;
-pub type Membership = openraft::StoredMembership<u64, openraft::BasicNode>;
+pub type Membership = openraft::StoredMembership<u64, Member>;
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("bincode encodes our types")

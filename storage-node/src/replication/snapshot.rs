@@ -46,7 +46,7 @@ pub enum Record {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Header {
     pub vote: Vote,
-    pub meta: openraft::SnapshotMeta<u64, openraft::BasicNode>,
+    pub meta: openraft::SnapshotMeta<u64, super::Member>,
 }
 
 /// Snapshot "data" as openraft carries it: a staged file for a received snapshot, nothing for
@@ -197,7 +197,12 @@ pub fn clear_staging(store: &ChunkStore) {
 }
 
 /// A digest of `group`'s state in this store: equal on replicas that applied the same entries.
-pub async fn digest_group(store: &ChunkStore, group: u32, groups: u32) -> Result<(u64, u64)> {
+pub async fn digest_group(
+    store: &ChunkStore,
+    group: u32,
+    groups: u32,
+) -> Result<(u64, u64, String)> {
+    let mut detail = String::new();
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -213,7 +218,7 @@ pub async fn digest_group(store: &ChunkStore, group: u32, groups: u32) -> Result
         for r in recs {
             eat(&super::encode(&(r.id, &r.name, r.size, r.read_only)));
         }
-        return Ok((h, 0));
+        return Ok((h, 0, detail));
     }
     let mut vols = store.list();
     vols.sort_by_key(|v| v.id.0);
@@ -223,6 +228,7 @@ pub async fn digest_group(store: &ChunkStore, group: u32, groups: u32) -> Result
             continue;
         }
         for chunk in group_chunks(&rec, group, groups) {
+            let before = blocks;
             for (b, e) in store.chunk_map(&v, chunk).await?.into_iter().enumerate() {
                 let (kind, crc) = match e {
                     Entry::Hole => continue,
@@ -238,7 +244,10 @@ pub async fn digest_group(store: &ChunkStore, group: u32, groups: u32) -> Result
                 eat(&[kind]);
                 eat(&crc.to_le_bytes());
             }
+            if blocks > before {
+                detail += &format!("{}/{chunk}:{} ", rec.id, blocks - before);
+            }
         }
     }
-    Ok((h, blocks))
+    Ok((h, blocks, detail))
 }

@@ -26,7 +26,7 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
 }
 
-type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+type Meta = SnapshotMeta<u64, super::Member>;
 
 pub struct StateMachine {
     group: u32,

@@ -20,14 +20,14 @@ use openraft::error::{
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse};
 use openraft::raft::{VoteRequest, VoteResponse};
-use openraft::{BasicNode, Snapshot};
+use openraft::Snapshot;
 use parking_lot::RwLock;
 use tern_proto::v1::{self, raft_transport_client::RaftTransportClient, RaftKind};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Endpoint;
 
 use super::snapshot::{self, Header, SnapshotFile};
-use super::{decode, encode, TypeConfig};
+use super::{decode, encode, Member, TypeConfig};
 use crate::store::ChunkStore;
 
 /// Batches in flight per lane before messages wait (and batch up).
@@ -162,7 +162,9 @@ pub enum SendError {
 /// The node's side of Raft traffic: a [`Peer`] per other node, and the fault switch.
 pub struct Transport {
     node_id: u64,
-    peers: HashMap<u64, Peer>,
+    /// Peers by node id, created when a group first needs one (members added by a membership
+    /// change come with their address).
+    peers: RwLock<HashMap<u64, Arc<Peer>>>,
     isolated: RwLock<HashSet<u64>>,
     /// Snapshots are streamed from here.
     store: Arc<ChunkStore>,
@@ -179,10 +181,33 @@ impl Transport {
         let mut peers = HashMap::new();
         for (id, address) in nodes {
             if *id != node_id {
-                peers.insert(*id, Peer::start(node_id, *id, address)?);
+                peers.insert(*id, Arc::new(Peer::start(node_id, *id, address)?));
             }
         }
-        Ok(Arc::new(Self { node_id, peers, isolated: RwLock::default(), store, groups }))
+        Ok(Arc::new(Self {
+            node_id,
+            peers: RwLock::new(peers),
+            isolated: RwLock::default(),
+            store,
+            groups,
+        }))
+    }
+
+    /// The peer `id` at `address`, connecting (lazily) if it is new or moved.
+    fn ensure_peer(&self, id: u64, address: &str) {
+        if id == self.node_id || self.peers.read().contains_key(&id) {
+            return;
+        }
+        match Peer::start(self.node_id, id, address) {
+            Ok(p) => {
+                self.peers.write().entry(id).or_insert_with(|| Arc::new(p));
+            }
+            Err(e) => tracing::warn!(node = id, address, %e, "bad peer address"),
+        }
+    }
+
+    fn peer(&self, id: u64) -> Option<Arc<Peer>> {
+        self.peers.read().get(&id).cloned()
     }
 
     pub fn set_isolated(&self, nodes: impl IntoIterator<Item = u64>) {
@@ -205,7 +230,7 @@ impl Transport {
         if self.is_isolated(to) {
             return Err(SendError::Isolated(to));
         }
-        let peer = self.peers.get(&to).ok_or(SendError::UnknownNode(to))?;
+        let peer = self.peer(to).ok_or(SendError::UnknownNode(to))?;
         let (w, r) = oneshot::channel();
         let msg = v1::RaftMessage { group, kind: kind as i32, payload: payload.into() };
         peer.send(Outgoing { msg, reply: w })
@@ -232,7 +257,8 @@ pub struct GroupNetworkFactory {
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
+        self.transport.ensure_peer(target, &node.address);
         GroupNetwork { group: self.group, target, transport: self.transport.clone() }
     }
 }
@@ -243,7 +269,7 @@ pub struct GroupNetwork {
     transport: Arc<Transport>,
 }
 
-type RpcErr = RPCError<u64, BasicNode, RaftError<u64>>;
+type RpcErr = RPCError<u64, Member, RaftError<u64>>;
 
 impl GroupNetwork {
     async fn rpc<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
@@ -303,8 +329,7 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
             return Err(unreachable(SendError::Isolated(self.target)));
         }
         let mut client = t
-            .peers
-            .get(&self.target)
+            .peer(self.target)
             .ok_or_else(|| unreachable(SendError::UnknownNode(self.target)))?
             .client
             .clone();
@@ -312,26 +337,41 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         let header = encode(&Header { vote, meta: snapshot.meta.clone() });
         let (part_tx, part_rx) = mpsc::channel::<v1::SnapshotPart>(4);
         let (rec_tx, mut rec_rx) = mpsc::channel::<Vec<u8>>(4);
-        let first =
-            v1::SnapshotPart { from, group, header: header.into(), records: Default::default() };
+        let first = v1::SnapshotPart { from, group, header: header.into(), ..Default::default() };
         let _ = part_tx.send(first).await;
         let (store, groups) = (t.store.clone(), t.groups);
-        let producer =
+        let produce =
             tokio::spawn(
                 async move { snapshot::stream_group(&store, group, groups, rec_tx).await },
             );
-        tokio::spawn(async move {
+        // Stops the producer if openraft drops this call half-way.
+        let _stop = AbortOnDrop(produce.abort_handle());
+        let forward = tokio::spawn(async move {
+            let mut record_bytes = 0u64;
             while let Some(records) = rec_rx.recv().await {
-                let part = v1::SnapshotPart {
-                    from,
-                    group,
-                    header: Default::default(),
-                    records: records.into(),
-                };
+                record_bytes += records.len() as u64;
+                let part =
+                    v1::SnapshotPart { from, group, records: records.into(), ..Default::default() };
                 if part_tx.send(part).await.is_err() {
-                    return;
+                    return None;
                 }
             }
+            Some((part_tx, record_bytes))
+        });
+        // Only a complete stream gets its final part: the receiver installs nothing else.
+        let producer = tokio::spawn(async move {
+            let r = produce.await;
+            if let (Ok(Ok(_)), Ok(Some((part_tx, record_bytes)))) = (&r, forward.await) {
+                let last = v1::SnapshotPart {
+                    from,
+                    group,
+                    last: true,
+                    record_bytes,
+                    ..Default::default()
+                };
+                let _ = part_tx.send(last).await;
+            }
+            r
         });
         let started = std::time::Instant::now();
         let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(part_rx));
@@ -343,14 +383,16 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
             }
         };
         let sent = match producer.await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => {
+            Ok(Ok(Ok(bytes))) => bytes,
+            Ok(Ok(Err(e))) => {
                 return Err(unreachable(SendError::Failed(
                     target,
                     format!("reading the group: {e}"),
                 )))
             }
-            Err(e) => return Err(unreachable(SendError::Failed(target, e.to_string()))),
+            Ok(Err(e)) | Err(e) => {
+                return Err(unreachable(SendError::Failed(target, e.to_string())))
+            }
         };
         let reply =
             reply.map_err(|s| unreachable(SendError::Failed(target, s.message().to_string())))?;
@@ -460,8 +502,17 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
                     snapshot::write_part(&mut file, &part.records)
                         .map_err(|e| Status::internal(format!("staging a snapshot: {e}")))?;
                 }
+                if part.last {
+                    if part.record_bytes != bytes {
+                        return Err(Status::data_loss(format!(
+                            "snapshot stream of {bytes} bytes, the sender sent {}",
+                            part.record_bytes
+                        )));
+                    }
+                    return Ok(());
+                }
             }
-            Ok(())
+            Err(Status::aborted("snapshot stream ended before its final part"))
         }
         .await;
         drop(file);
@@ -494,9 +545,9 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
         // Applied index first: the digest then covers at least that much.
         let applied_index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
         let t = self.cluster.transport();
-        let (digest, data_blocks) =
+        let (digest, data_blocks, detail) =
             snapshot::digest_group(&t.store, group, t.groups).await.map_err(tonic::Status::from)?;
-        Ok(tonic::Response::new(v1::DigestReply { applied_index, digest, data_blocks }))
+        Ok(tonic::Response::new(v1::DigestReply { applied_index, digest, data_blocks, detail }))
     }
 
     async fn set_faults(
@@ -512,5 +563,14 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
         tracing::warn!(?isolate, "fault switch: Raft traffic with these nodes is cut");
         self.cluster.transport().set_isolated(isolate);
         Ok(tonic::Response::new(v1::SetFaultsReply {}))
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
