@@ -62,6 +62,13 @@ struct Args {
     /// start empty and fill as the replacement adds it.
     #[arg(long)]
     join: bool,
+    /// Background scrub of replicated volumes, in MiB/s at most (0 = off): every block is
+    /// read and checked, damaged ones are repaired from another replica.
+    #[arg(long, default_value_t = 16)]
+    scrub_rate_mib: u64,
+    /// Seconds between scrub passes.
+    #[arg(long, default_value_t = 3600)]
+    scrub_pause_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +109,8 @@ fn main() -> anyhow::Result<()> {
                     unsafe_no_replication: args.unsafe_no_replication,
                     snapshot_every: args.snapshot_every,
                     join: args.join,
+                    scrub_rate: args.scrub_rate_mib << 20,
+                    scrub_pause: std::time::Duration::from_secs(args.scrub_pause_secs),
                 };
                 if cfg.unsafe_no_replication {
                     tracing::warn!(

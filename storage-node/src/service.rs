@@ -314,6 +314,11 @@ impl VolumeAdmin for Service {
             volumes: vols.len() as u64,
             allocated_bytes: vols.iter().map(|v| v.allocated_bytes()).sum(),
             checksum_errors: self.store.checksum_errors(),
+            repairs: self.store.repairs(),
+            scrubbed_bytes: self
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.scrubbed.load(std::sync::atomic::Ordering::Relaxed)),
             datacenter: self.datacenter.clone(),
         }))
     }

@@ -120,6 +120,8 @@ pub struct ChunkStore {
     /// Enough freed slots wait for a barrier.
     threshold_hit: tokio::sync::Notify,
     checksum_errors: AtomicU64,
+    /// Blocks rewritten from a healthy replica's copy after a checksum mismatch.
+    repairs: AtomicU64,
     direct_io_active: std::sync::atomic::AtomicBool,
 }
 
@@ -188,6 +190,7 @@ impl ChunkStore {
             dirty: Mutex::new(Vec::new()),
             barrier_lock: tokio::sync::Mutex::new(()),
             barrier_requests: AtomicU64::new(0),
+            repairs: AtomicU64::new(0),
             barrier_covered: AtomicU64::new(0),
             pending_slots: AtomicU64::new(0),
             dirty_started: tokio::sync::Notify::new(),
@@ -209,6 +212,44 @@ impl ChunkStore {
 
     pub fn direct_io(&self) -> bool {
         self.direct_io_active.load(Ordering::Relaxed)
+    }
+
+    pub fn repairs(&self) -> u64 {
+        self.repairs.load(Ordering::Relaxed)
+    }
+
+    /// Rewrites the block at `offset` (block-aligned) from `data`, a healthy replica's copy,
+    /// if this store's entry for the block is still data with the checksum of `data`: the same
+    /// version, whose local copy is damaged. The block map entry is swapped only if it did not
+    /// change meanwhile (compare-and-swap), so a concurrent write always wins. Returns whether
+    /// the block was repaired.
+    pub async fn repair_block(&self, v: &Volume, offset: u64, data: &[u8]) -> Result<bool> {
+        if !offset.is_multiple_of(BS) || data.len() as u64 != BS {
+            return Err(Error::Unsupported("repairs are whole, aligned blocks"));
+        }
+        let c = self.chunk(v, (offset / CHUNK_SIZE) as u32).await?;
+        let block = ((offset % CHUNK_SIZE) / BS) as u32;
+        let old = c.entry(block);
+        let Entry::Data { crc, .. } = old else { return Ok(false) };
+        if crc32c::crc32c(data) != crc {
+            return Ok(false);
+        }
+        let slots = c.alloc(1);
+        let buf = AlignedBuf::from_slice(data);
+        if let Err(source) = self.engine.write_at(c.file.clone(), buf, slots[0] as u64 * BS).await {
+            c.unalloc(&slots);
+            return Err(Error::DataIo { volume: v.id, source });
+        }
+        let new = Entry::Data { slot: slots[0], crc };
+        let done = c.commit(&self.meta, &[(block, new)], Some(&[old]))?;
+        if !done.applied {
+            c.unalloc(&slots);
+            return Ok(false);
+        }
+        self.note_committed(v, &c, done.data_delta, done.freed);
+        self.repairs.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(volume = v.id.0, offset, "repaired a damaged block from another replica");
+        Ok(true)
     }
 
     pub fn checksum_errors(&self) -> u64 {

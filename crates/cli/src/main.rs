@@ -368,11 +368,22 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         "node_id": s.node_id, "version": s.version, "datacenter": s.datacenter,
                         "io_engine": s.io_engine, "direct_io": s.direct_io, "volumes": s.volumes,
                         "allocated_bytes": s.allocated_bytes, "checksum_errors": s.checksum_errors,
+                        "repairs": s.repairs, "scrubbed_bytes": s.scrubbed_bytes,
                     })
                 );
             } else {
                 print_table(
-                    &["NODE", "DC", "ENGINE", "DIRECT_IO", "VOLUMES", "ALLOCATED", "CSUM_ERRORS"],
+                    &[
+                        "NODE",
+                        "DC",
+                        "ENGINE",
+                        "DIRECT_IO",
+                        "VOLUMES",
+                        "ALLOCATED",
+                        "CSUM_ERRORS",
+                        "REPAIRS",
+                        "SCRUBBED",
+                    ],
                     &[vec![
                         s.node_id.to_string(),
                         s.datacenter,
@@ -381,6 +392,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         s.volumes.to_string(),
                         format_size(s.allocated_bytes),
                         s.checksum_errors.to_string(),
+                        s.repairs.to_string(),
+                        format_size(s.scrubbed_bytes),
                     ]],
                 );
             }

@@ -45,6 +45,9 @@ pub struct ClusterConfig {
     pub unsafe_no_replication: bool,
     /// Log entries between snapshots of a group (see `raft_config`).
     pub snapshot_every: u64,
+    /// Background scrub: bytes per second at most (0 = off), and the pause between passes.
+    pub scrub_rate: u64,
+    pub scrub_pause: Duration,
     /// This node is new, not in `nodes`: it starts with empty groups and waits to be added
     /// to them (a replacement).
     pub join: bool,
@@ -121,6 +124,8 @@ pub struct Replacement {
 }
 
 pub struct Cluster {
+    /// Bytes the background scrub has verified.
+    pub scrubbed: std::sync::atomic::AtomicU64,
     cfg: ClusterConfig,
     replacement: Arc<Mutex<Option<Replacement>>>,
     store: Arc<ChunkStore>,
@@ -174,7 +179,18 @@ impl Cluster {
             rafts.push(Raft::new(cfg.node_id, config.clone(), net, log, sm).await?);
         }
         let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
-        let c = Arc::new(Self { cfg, store, transport, rafts, reads, replacement: Arc::default() });
+        let c = Arc::new(Self {
+            scrubbed: Default::default(),
+            cfg,
+            store,
+            transport,
+            rafts,
+            reads,
+            replacement: Arc::default(),
+        });
+        if c.cfg.scrub_rate > 0 {
+            tokio::spawn(c.clone().scrub());
+        }
         c.clone().spawn_bootstrap();
         tracing::info!(groups = c.cfg.groups, nodes = c.cfg.nodes.len(), "cluster groups started");
         Ok(c)
@@ -612,7 +628,121 @@ impl Cluster {
         }
         let group = self.check(v, offset, len, false)?;
         self.linearize(group).await?;
-        self.store.read(v, offset, len).await
+        self.read_repairing(v, group, offset, len).await
+    }
+
+    /// Reads, repairing damaged blocks from the other replicas on the way: a read never
+    /// returns wrong data, and fails (DATA_LOSS) only if no replica has a good copy.
+    async fn read_repairing(&self, v: &Volume, group: u32, offset: u64, len: u64) -> Result<Bytes> {
+        match self.store.read(v, offset, len).await {
+            Err(Error::ChecksumMismatch { .. }) => {
+                self.repair_range(v, group, offset, len).await?;
+                self.store.read(v, offset, len).await
+            }
+            r => r,
+        }
+    }
+
+    /// Finds the damaged blocks of `[offset, offset + len)` and rewrites each from another
+    /// replica of `group` holding the same version (its checksum equals this replica's
+    /// block map entry): one range fetched per replica asked.
+    pub async fn repair_range(&self, v: &Volume, group: u32, offset: u64, len: u64) -> Result<()> {
+        const BS: u64 = tern_common::BLOCK_SIZE;
+        let mut bad = Vec::new();
+        let mut b = offset / BS * BS;
+        while b < offset + len {
+            if let Err(Error::ChecksumMismatch { .. }) = self.store.read(v, b, BS).await {
+                bad.push(b);
+            }
+            b += BS;
+        }
+        let (Some(&first), Some(&last)) = (bad.first(), bad.last()) else { return Ok(()) };
+        let span = last + BS - first;
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let voters: Vec<u64> =
+            raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let mut why = String::from("no other replica");
+        for peer in voters.into_iter().filter(|&p| p != self.cfg.node_id) {
+            let Some(addr) = self.address_of(peer) else { continue };
+            let fetched = async {
+                let mut c = tern_proto::v1::raft_transport_client::RaftTransportClient::connect(
+                    format!("http://{addr}"),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let req = tern_proto::v1::FetchBlockRequest {
+                    volume: v.id.0,
+                    offset: first,
+                    length: span,
+                };
+                match tokio::time::timeout(Duration::from_secs(5), c.fetch_block(req)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner().data),
+                    Ok(Err(s)) => Err(s.message().to_string()),
+                    Err(_) => Err("timed out".to_string()),
+                }
+            }
+            .await;
+            let data = match fetched {
+                Ok(d) if d.len() as u64 == span => d,
+                Ok(_) => {
+                    why = format!("node {peer} sent a short range");
+                    continue;
+                }
+                Err(e) => {
+                    why = format!("node {peer}: {e}");
+                    continue;
+                }
+            };
+            let mut left = Vec::new();
+            for &at in &bad {
+                let o = (at - first) as usize;
+                if !self.store.repair_block(v, at, &data[o..o + BS as usize]).await? {
+                    left.push(at);
+                }
+            }
+            if left.is_empty() {
+                return Ok(());
+            }
+            why = format!("node {peer} holds another version of {} blocks", left.len());
+            bad = left;
+        }
+        Err(Error::Unavailable(format!(
+            "{} damaged blocks of volume {} from offset {first} could not be repaired: {why}",
+            bad.len(),
+            v.id
+        )))
+    }
+
+    /// The background scrub: reads every data block this node holds, at most `scrub_rate`
+    /// bytes per second, and repairs damaged ones from the other replicas.
+    async fn scrub(self: Arc<Self>) {
+        const PIECE: u64 = 1 << 20;
+        loop {
+            tokio::time::sleep(self.cfg.scrub_pause).await;
+            for v in self.store.list() {
+                let rec = v.record();
+                if rec.storage_class != "replicated" {
+                    continue;
+                }
+                let mut off = 0;
+                while off < rec.size {
+                    let len = PIECE.min(rec.size - off);
+                    let group = chunk_group(rec.id, off / CHUNK_SIZE, self.cfg.groups);
+                    match self.read_repairing(&v, group, off, len).await {
+                        Ok(_) => {}
+                        Err(Error::VolumeDeleted(_)) | Err(Error::VolumeNotFound(_)) => break,
+                        Err(e) => tracing::error!(volume = rec.id, offset = off, %e, "scrub"),
+                    }
+                    self.scrubbed.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                    off += len;
+                    // Holes cost no I/O, but are paced as if they did: simple and bounded.
+                    tokio::time::sleep(Duration::from_secs_f64(
+                        len as f64 / self.cfg.scrub_rate as f64,
+                    ))
+                    .await;
+                }
+            }
+        }
     }
 
     pub async fn block_status(

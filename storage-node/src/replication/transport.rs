@@ -533,6 +533,18 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
         }))
     }
 
+    async fn fetch_block(
+        &self,
+        req: tonic::Request<v1::FetchBlockRequest>,
+    ) -> Result<tonic::Response<v1::FetchBlockReply>, tonic::Status> {
+        let r = req.into_inner();
+        let store = &self.cluster.transport().store;
+        let v = store.get(r.volume).map_err(tonic::Status::from)?;
+        let len = if r.length == 0 { tern_common::BLOCK_SIZE } else { r.length };
+        let data = store.read(&v, r.offset, len).await.map_err(tonic::Status::from)?;
+        Ok(tonic::Response::new(v1::FetchBlockReply { data }))
+    }
+
     async fn digest(
         &self,
         req: tonic::Request<v1::DigestRequest>,
