@@ -139,7 +139,7 @@ pub struct Cluster {
 /// perhaps elsewhere): a leader cut off from its quorum never completes them.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A leader without a quorum's acknowledgement for this long stops taking requests (the
-/// followers elect a new leader after 400-800 ms of silence; heartbeats go every 100 ms).
+/// followers elect a new leader after 500-1000 ms of silence; heartbeats go every 100 ms).
 const QUORUM_SILENCE_MS: u64 = 500;
 /// How often waiting requests check that their leader still has its quorum.
 const CUT_OFF_POLL: Duration = Duration::from_millis(100);
