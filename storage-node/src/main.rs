@@ -56,7 +56,7 @@ struct Args {
     unsafe_no_replication: bool,
     /// Raft log entries between snapshots of a chunk group: the log kept per group is about
     /// this long; a replica further behind gets the group's data streamed instead.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 1024)]
     snapshot_every: u64,
     /// A new node not in --cluster, started to replace one (`tern node replace`): its groups
     /// start empty and fill as the replacement adds it.

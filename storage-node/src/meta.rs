@@ -89,6 +89,9 @@ impl MetaStore {
         opts.create_if_missing(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // Values are block-map entries and Raft log entries carrying block data (rarely
+        // compressible): compression only costs CPU.
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
         Ok(Self { db: DB::open(&opts, path)? })
     }
 

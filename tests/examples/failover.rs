@@ -74,9 +74,19 @@ fn main() {
     let bytes = blocks * 4096;
     println!("| measure | value |");
     println!("|---|---:|");
-    println!("| fill: {fill} MiB written with fio 1M QD8 | {:.0} MB/s |", fill as f64 * 1.048576 / fill_secs);
-    println!("| kill -9 of the node leading {led} of {} groups: longest write stall | {} ms |", groups + 1, s["max_write_stall_ms"]);
-    println!("| writes acknowledged / reads during the 10 s failover run | {} / {} |", s["writes_acknowledged"], s["reads"]);
+    println!(
+        "| fill: {fill} MiB written with fio 1M QD8 | {:.0} MB/s |",
+        fill as f64 * 1.048576 / fill_secs
+    );
+    println!(
+        "| kill -9 of the node leading {led} of {} groups: longest write stall | {} ms |",
+        groups + 1,
+        s["max_write_stall_ms"]
+    );
+    println!(
+        "| writes acknowledged / reads during the 10 s failover run | {} / {} |",
+        s["writes_acknowledged"], s["reads"]
+    );
     println!("| rebuild: replace the killed node, {:.0} MiB per replica | {rebuild_secs:.1} s = {:.0} MB/s |",
         bytes as f64 / 1048576.0, bytes as f64 / 1e6 / rebuild_secs);
 }
