@@ -132,10 +132,6 @@ fn forwarded<T>(msg: T) -> Request<T> {
     r
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 impl Service {
     async fn create_here(&self, r: v1::CreateVolumeRequest) -> Result<Arc<Volume>, Error> {
         let class = v1::StorageClass::try_from(r.storage_class)
@@ -171,7 +167,7 @@ impl Service {
             read_only: r.read_only,
             tenant: r.tenant,
             labels,
-            created_at: now_secs(),
+            created_at: crate::store::now_secs(),
         };
         let id =
             self.propose_meta(c, cmd).await?.ok_or(Error::Unavailable("no volume id".into()))?;

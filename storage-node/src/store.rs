@@ -64,6 +64,23 @@ impl Volume {
         self.record.read().clone()
     }
 
+    /// Whether the volume's chunks are replicated by a cluster's chunk groups.
+    pub fn is_replicated(&self) -> bool {
+        self.record.read().storage_class == "replicated"
+    }
+
+    /// Checks an I/O request against the volume's size and mode (read-only refuses writes).
+    pub fn check_io(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        let rec = self.record.read();
+        if write && rec.read_only {
+            return Err(Error::ReadOnly { volume: self.id });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= rec.size => Ok(()),
+            _ => Err(Error::OutOfRange { volume: self.id, offset, len, size: rec.size }),
+        }
+    }
+
     pub fn allocated_bytes(&self) -> u64 {
         self.data_blocks.load(Ordering::Relaxed) * BS
     }
@@ -125,7 +142,7 @@ pub struct ChunkStore {
     direct_io_active: std::sync::atomic::AtomicBool,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -472,15 +489,7 @@ impl ChunkStore {
             // every replica applies them unconditionally so that all replicas stay identical.
             Admit::Apply => return Ok(gate),
         };
-        let rec = v.record.read();
-        if write && rec.read_only {
-            return Err(Error::ReadOnly { volume: v.id });
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= rec.size => {}
-            _ => return Err(Error::OutOfRange { volume: v.id, offset, len, size: rec.size }),
-        }
-        drop(rec);
+        v.check_io(offset, len, write)?;
         Ok(gate)
     }
 

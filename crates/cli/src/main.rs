@@ -106,14 +106,8 @@ enum NodeCmd {
 
 /// Parses ID=HOST:PORT@DATACENTER.
 fn parse_node_spec(s: &str) -> Result<v1::NodeInfo, String> {
-    let bad = || format!("{s:?} is not ID=HOST:PORT@DATACENTER");
-    let (id, rest) = s.split_once('=').ok_or_else(bad)?;
-    let (address, datacenter) = rest.rsplit_once('@').ok_or_else(bad)?;
-    let id: u64 = id.parse().map_err(|_| bad())?;
-    if id == 0 || !address.contains(':') || datacenter.is_empty() {
-        return Err(bad());
-    }
-    Ok(v1::NodeInfo { id, address: address.into(), datacenter: datacenter.into() })
+    let n: tern_common::NodeAddr = s.parse()?;
+    Ok(v1::NodeInfo { id: n.id, address: n.address, datacenter: n.datacenter })
 }
 
 fn print_replacement(json: bool, r: &v1::ReplacementStatus) {

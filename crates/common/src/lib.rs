@@ -41,6 +41,31 @@ pub fn volume_groups(volume: u64, size: u64, groups: u32) -> Vec<u32> {
     out
 }
 
+/// A storage node as operators name it in flags and commands: `ID=HOST:PORT@DATACENTER`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddr {
+    pub id: u64,
+    /// `host:port` of its gRPC services.
+    pub address: String,
+    pub datacenter: String,
+}
+
+impl std::str::FromStr for NodeAddr {
+    type Err = String;
+
+    /// Parses `ID=HOST:PORT@DATACENTER` (a non-zero id, an address with a port, a datacenter).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not ID=HOST:PORT@DATACENTER");
+        let (id, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (address, datacenter) = rest.rsplit_once('@').ok_or_else(bad)?;
+        let id: u64 = id.parse().map_err(|_| bad())?;
+        if id == 0 || !address.contains(':') || datacenter.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self { id, address: address.into(), datacenter: datacenter.into() })
+    }
+}
+
 /// A volume's identity: assigned by the store at creation, never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VolumeId(pub u64);
@@ -193,6 +218,16 @@ mod tests {
 #[cfg(test)]
 mod group_tests {
     use super::*;
+
+    #[test]
+    fn node_addresses_parse_or_say_why_not() {
+        let n: NodeAddr = "4=127.0.3.2:7700@dc3".parse().unwrap();
+        assert_eq!((n.id, n.address.as_str(), n.datacenter.as_str()), (4, "127.0.3.2:7700", "dc3"));
+        for bad in ["", "4", "4=host@dc", "0=h:1@dc", "x=h:1@dc", "4=h:1@", "4=h:1"] {
+            let e = bad.parse::<NodeAddr>().unwrap_err();
+            assert!(e.contains("ID=HOST:PORT@DATACENTER"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn chunk_groups_cover_all_groups_and_stay_in_range() {

@@ -24,13 +24,7 @@ use crate::meta::MetaStore;
 use crate::store::{ChunkStore, Volume};
 
 /// A member of the cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeAddr {
-    pub id: u64,
-    /// `host:port` of its gRPC services.
-    pub address: String,
-    pub datacenter: String,
-}
+pub use tern_common::NodeAddr;
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -59,18 +53,11 @@ pub const MAX_GROUPS: u32 = 4096;
 impl ClusterConfig {
     /// Parses `ID=HOST:PORT@DATACENTER,...`.
     pub fn parse_nodes(s: &str) -> std::result::Result<Vec<NodeAddr>, String> {
-        let mut out = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let bad = || format!("bad cluster member {part:?}: expected ID=HOST:PORT@DATACENTER");
-            let (id, rest) = part.split_once('=').ok_or_else(bad)?;
-            let (address, dc) = rest.rsplit_once('@').ok_or_else(bad)?;
-            let id: u64 = id.parse().map_err(|_| bad())?;
-            if id == 0 || address.is_empty() || dc.is_empty() || !address.contains(':') {
-                return Err(bad());
-            }
-            out.push(NodeAddr { id, address: address.into(), datacenter: dc.into() });
-        }
-        Ok(out)
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().map_err(|e| format!("bad cluster member: {e}")))
+            .collect()
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -150,6 +137,17 @@ fn leader_cut_off(raft: &Raft) -> bool {
     let m = m.borrow();
     m.state == openraft::ServerState::Leader
         && m.millis_since_quorum_ack.is_some_and(|ms| ms > QUORUM_SILENCE_MS)
+}
+
+/// Resolves once `raft` is a leader cut off from its quorum: requests already waiting on it
+/// then go elsewhere instead of waiting out a timeout.
+async fn until_cut_off(raft: &Raft) {
+    loop {
+        tokio::time::sleep(CUT_OFF_POLL).await;
+        if leader_cut_off(raft) {
+            return;
+        }
+    }
 }
 
 impl Cluster {
@@ -441,7 +439,7 @@ impl Cluster {
         let write = tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(cmd));
         let answer = tokio::select! {
             r = write => r,
-            e = self.cut_off(group, raft) => return Err(e),
+            () = until_cut_off(raft) => return Err(Error::NotLeader { group, leader: None }),
         };
         match answer {
             Err(_) => Err(Error::Unavailable(format!(
@@ -470,17 +468,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Resolves (with the error to return) once `raft` is a leader cut off from its quorum:
-    /// requests already waiting on it then go elsewhere instead of waiting out a timeout.
-    async fn cut_off(&self, group: u32, raft: &Raft) -> Error {
-        loop {
-            tokio::time::sleep(CUT_OFF_POLL).await;
-            if leader_cut_off(raft) {
-                return Error::NotLeader { group, leader: None };
-            }
-        }
-    }
-
     /// Returns once this node may serve a linearizable read of `group`: it is the leader, a
     /// quorum confirmed it after the read arrived, and it applied everything committed before.
     pub async fn linearize(&self, group: u32) -> Result<()> {
@@ -505,17 +492,9 @@ impl Cluster {
                         std::mem::take(&mut s.1)
                     };
                     let confirm = tokio::time::timeout(PROPOSE_TIMEOUT, raft.ensure_linearizable());
-                    let cut_off = async {
-                        loop {
-                            tokio::time::sleep(CUT_OFF_POLL).await;
-                            if leader_cut_off(&raft) {
-                                return;
-                            }
-                        }
-                    };
                     let r = tokio::select! {
                         r = confirm => r,
-                        () = cut_off => Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
+                        () = until_cut_off(&raft) => Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
                             openraft::error::ForwardToLeader::empty(),
                         )))),
                     };
@@ -549,17 +528,10 @@ impl Cluster {
 
     /// Checks a request against the volume as this node knows it; returns its group.
     fn check(&self, v: &Volume, offset: u64, len: u64, write: bool) -> Result<u32> {
-        let rec = v.record();
-        if rec.storage_class != "replicated" {
+        if !v.is_replicated() {
             return Err(Error::Unsupported("local volumes on a replicated cluster"));
         }
-        if write && rec.read_only {
-            return Err(Error::ReadOnly { volume: v.id });
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= rec.size => {}
-            _ => return Err(Error::OutOfRange { volume: v.id, offset, len, size: rec.size }),
-        }
+        v.check_io(offset, len, write)?;
         self.group_of(v.id.0, offset, len)
     }
 
@@ -664,12 +636,8 @@ impl Cluster {
         let mut why = String::from("no other replica");
         for peer in voters.into_iter().filter(|&p| p != self.cfg.node_id) {
             let Some(addr) = self.address_of(peer) else { continue };
+            let Some(mut c) = self.transport.client(peer, &addr) else { continue };
             let fetched = async {
-                let mut c = tern_proto::v1::raft_transport_client::RaftTransportClient::connect(
-                    format!("http://{addr}"),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
                 let req = tern_proto::v1::FetchBlockRequest {
                     volume: v.id.0,
                     offset: first,

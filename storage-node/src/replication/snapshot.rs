@@ -92,7 +92,11 @@ impl Parts {
 }
 
 /// The chunks of `group` among the volume's chunks.
-fn group_chunks(v: &VolumeRecord, group: u32, groups: u32) -> impl Iterator<Item = u32> + '_ {
+pub(crate) fn group_chunks(
+    v: &VolumeRecord,
+    group: u32,
+    groups: u32,
+) -> impl Iterator<Item = u32> + '_ {
     let n = v.size.div_ceil(CHUNK_SIZE) as u32;
     (0..n).filter(move |&c| chunk_group(v.id, u64::from(c), groups) == group)
 }

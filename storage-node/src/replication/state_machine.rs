@@ -216,11 +216,8 @@ impl StateMachine {
             if rec.storage_class != "replicated" {
                 continue;
             }
-            let n = rec.size.div_ceil(CHUNK_SIZE) as u32;
-            for chunk in 0..n {
-                if tern_common::chunk_group(rec.id, u64::from(chunk), self.groups) == self.group
-                    && !listed.contains(&(rec.id, chunk))
-                {
+            for chunk in snapshot::group_chunks(&rec, self.group, self.groups) {
+                if !listed.contains(&(rec.id, chunk)) {
                     self.wipe_chunk(&v, chunk).await?;
                 }
             }

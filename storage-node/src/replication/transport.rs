@@ -210,6 +210,13 @@ impl Transport {
         self.peers.read().get(&id).cloned()
     }
 
+    /// The bulk-lane client of node `id` at `address`, for calls outside Raft messages
+    /// (fetching blocks to repair): the peer's connection, not a new one per call.
+    pub fn client(&self, id: u64, address: &str) -> Option<Client> {
+        self.ensure_peer(id, address);
+        self.peer(id).map(|p| p.client.clone())
+    }
+
     pub fn set_isolated(&self, nodes: impl IntoIterator<Item = u64>) {
         *self.isolated.write() = nodes.into_iter().collect();
     }
