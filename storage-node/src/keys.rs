@@ -30,6 +30,7 @@ pub const PREFIX_RAFT_STATE: u8 = 0x11;
 #[repr(u8)]
 pub enum RaftField {
     Vote = 1,
+    /// Not written any more (openraft's committed id is not persisted); reserved.
     Committed = 2,
     LastPurged = 3,
     /// The state machine's last applied log id and membership.

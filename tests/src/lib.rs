@@ -112,11 +112,18 @@ pub fn spawn_daemon(
     child
 }
 
-/// The last 40 lines of each `<dir>/<name>.log`.
+/// The last 40 lines of each `<dir>/<name>.log`, after any panic message in it (a backtrace
+/// would push it out of the tail).
 pub fn log_tails(dir: &Path, names: &[&str]) -> String {
     let mut s = String::new();
     for n in names {
         let t = std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains("panicked at") {
+                s += &format!("--- {n}.log: {}\n", lines[i..(i + 3).min(lines.len())].join("\n"));
+            }
+        }
         let tail: Vec<&str> = t.lines().rev().take(40).collect();
         s += &format!("--- {n}.log (last 40 lines) ---\n");
         for l in tail.into_iter().rev() {

@@ -133,10 +133,15 @@ fn checker_catches_loss_without_replication() {
     c.must_tern(0, &["volume", "create", "lossy", "--size", "1G"]);
     let w = start_workload(&c, "lossy", 8);
     std::thread::sleep(Duration::from_secs(2));
+    let leaders = c.leaders(0);
     let victim = busiest_leader(&c);
     c.kill9(victim);
     let (ok, report) = finish(&c, w, "lossy");
-    assert!(!ok, "the checker missed writes lost without replication\n{report}");
+    assert!(
+        !ok,
+        "the checker missed writes lost without replication (killed node index {victim}, \
+         leaders by node id before: {leaders:?})\n{report}"
+    );
     assert!(
         report.contains("VIOLATION"),
         "the workload failed for another reason than a detected violation\n{report}"

@@ -5,6 +5,11 @@
 //! already made (a replica must never refuse what its group committed). Commands are
 //! idempotent (block writes, zeroing, trims; volumes created with the id of their log index),
 //! so re-applying entries after a crash, from the last persisted applied id on, is harmless.
+//!
+//! That is also why the applied id is persisted lazily ([`SAVE_APPLIED_EVERY`] entries, and at
+//! once for membership and meta group entries): after a crash the group re-applies the few
+//! entries since, from its log. The log is purged only up to a snapshot, and building one
+//! persists its applied id first, so the entries to re-apply are always still in the log.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -28,6 +33,9 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
 
 type Meta = SnapshotMeta<u64, super::Member>;
 
+/// Data entries applied between two saves of the applied id, at most.
+const SAVE_APPLIED_EVERY: u64 = 64;
+
 pub struct StateMachine {
     group: u32,
     /// Data groups of the cluster (to know which chunks are this group's).
@@ -38,6 +46,8 @@ pub struct StateMachine {
     /// volume's first write before this node's meta group applied its creation).
     volume_created: Arc<Notify>,
     last_applied: Option<LogId>,
+    /// Index of the applied id last persisted.
+    saved_index: u64,
     membership: Membership,
 }
 
@@ -58,7 +68,17 @@ impl StateMachine {
             }
             None => (None, Membership::default()),
         };
-        Ok(Self { group, groups, store, meta, volume_created, last_applied, membership })
+        let saved_index = last_applied.map_or(0, |l| l.index);
+        Ok(Self {
+            group,
+            groups,
+            store,
+            meta,
+            volume_created,
+            last_applied,
+            saved_index,
+            membership,
+        })
     }
 
     /// The volume a data command addresses, waiting for its creation if this node has not
@@ -276,9 +296,10 @@ impl StateMachine {
         Ok(())
     }
 
-    fn save_applied(&self) -> Result<(), StorageError> {
-        let b = encode(&(self.last_applied, &self.membership));
-        self.meta.put_raft_state(self.group, RaftField::Applied, &b, false).map_err(sm_err)
+    fn save_applied(&mut self) -> Result<(), StorageError> {
+        save_applied(&self.meta, self.group, self.last_applied, &self.membership)?;
+        self.saved_index = self.last_applied.map_or(0, |l| l.index);
+        Ok(())
     }
 }
 
@@ -311,11 +332,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut replies = Vec::new();
+        let mut save_now = self.group == META_GROUP;
         for e in entries {
             let reply = match e.payload {
                 EntryPayload::Blank => Reply::Done,
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
+                    save_now = true;
                     Reply::Done
                 }
                 EntryPayload::Normal(cmd) => self.apply_cmd(e.log_id.index, cmd).await?,
@@ -324,8 +347,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             replies.push(reply);
         }
         // Written after the changes it covers (same WAL, in order): after a crash the
-        // persisted id is never ahead of what was applied.
-        self.save_applied()?;
+        // persisted id is never ahead of what was applied (it may be behind: see the module
+        // comment).
+        let index = self.last_applied.map_or(0, |l| l.index);
+        if save_now || index >= self.saved_index + SAVE_APPLIED_EVERY {
+            self.save_applied()?;
+        }
         Ok(replies)
     }
 
@@ -372,6 +399,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+fn save_applied(
+    store: &MetaStore,
+    group: u32,
+    applied: Option<LogId>,
+    membership: &Membership,
+) -> Result<(), StorageError> {
+    let b = encode(&(applied, membership));
+    store.put_raft_state(group, RaftField::Applied, &b, false).map_err(sm_err)
+}
+
 fn save_snapshot_meta(store: &MetaStore, group: u32, meta: &Meta) -> Result<(), StorageError> {
     store.put_raft_state(group, RaftField::Snapshot, &encode(meta), false).map_err(sm_err)
 }
@@ -389,6 +426,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // The log up to this meta may be purged once it is saved: first make the state it
         // stands for durable (data files, then the WAL), so that not even a power loss leaves
         // a purged log without its applied state.
+        //
+        // The applied id is persisted lazily; the log is purged up to this snapshot, so first
+        // persist an applied id at least this far (the state machine has applied at least
+        // this much, and everything it persists later is newer).
+        save_applied(
+            &self.meta_store,
+            self.group,
+            self.meta.last_log_id,
+            &self.meta.last_membership,
+        )?;
         self.store.barrier().await.map_err(sm_err)?;
         save_snapshot_meta(&self.meta_store, self.group, &self.meta)?;
         Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::default() })
