@@ -264,3 +264,68 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(write_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use openraft::CommittedLeaderId;
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        let payload = if bytes == 0 {
+            EntryPayload::Blank
+        } else {
+            EntryPayload::Normal(super::super::Cmd::Write {
+                volume: 1,
+                offset: 0,
+                data: Bytes::from(vec![0u8; bytes]),
+                fua: false,
+            })
+        };
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
+    }
+
+    fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        v.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn recent_serves_only_ranges_it_holds() {
+        let mut r = Recent::default();
+        for i in 5..10 {
+            r.push(entry(i, 0));
+        }
+        assert_eq!(indexes(r.get(5, 10)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(r.get(7, 9)), Some(vec![7, 8]));
+        assert_eq!(r.get(4, 6).map(|v| v.len()), None, "before the first entry");
+        assert_eq!(r.get(8, 11).map(|v| v.len()), None, "past the last entry");
+        r.truncate(8);
+        assert_eq!(r.get(7, 9).map(|v| v.len()), None, "truncated");
+        assert_eq!(indexes(r.get(5, 8)), Some(vec![5, 6, 7]));
+        r.purge(6);
+        assert_eq!(indexes(r.get(7, 8)), Some(vec![7]));
+        assert_eq!(r.get(6, 8).map(|v| v.len()), None, "purged");
+        // A gap (never expected) restarts the cache rather than mixing two runs.
+        r.push(entry(20, 0));
+        assert_eq!(indexes(r.get(20, 21)), Some(vec![20]));
+        assert_eq!(r.get(7, 8).map(|v| v.len()), None);
+    }
+
+    #[test]
+    fn recent_is_bounded_by_count_and_bytes() {
+        let mut r = Recent::default();
+        for i in 1..=(RECENT_ENTRIES as u64 + 10) {
+            r.push(entry(i, 0));
+        }
+        assert_eq!(r.entries.len(), RECENT_ENTRIES);
+        assert_eq!(r.first_index(), Some(11));
+        let mut r = Recent::default();
+        for i in 1..=8 {
+            r.push(entry(i, 1 << 20));
+        }
+        assert!(r.bytes <= RECENT_BYTES, "{} bytes kept", r.bytes);
+        assert_eq!(r.first_index(), Some(5));
+        r.truncate(0);
+        assert_eq!(r.bytes, 0);
+    }
+}
