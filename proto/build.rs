@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tern/v1/blockio.proto",
         "tern/v1/cluster.proto",
         "tern/v1/raft.proto",
+        "tern/v1/manager.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

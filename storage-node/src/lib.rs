@@ -11,6 +11,7 @@ pub mod chunk;
 pub mod engine;
 pub mod error;
 pub mod keys;
+pub mod manager_link;
 pub mod meta;
 pub mod replication;
 pub mod service;

@@ -69,6 +69,10 @@ struct Args {
     /// Seconds between scrub passes.
     #[arg(long, default_value_t = 3600)]
     scrub_pause_secs: u64,
+    /// Volume manager replicas (HOST:PORT, comma-separated): the node registers with them
+    /// and sends heartbeats.
+    #[arg(long, value_delimiter = ',', env = "TERN_MANAGER")]
+    manager: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         let store = ChunkStore::open(StoreConfig {
-            data_dir: args.data_dir,
+            data_dir: args.data_dir.clone(),
             engine: match args.io_engine {
                 Engine::Uring => EngineKind::Uring,
                 Engine::Sync => EngineKind::Sync,
@@ -120,6 +124,17 @@ fn main() -> anyhow::Result<()> {
                 Some(Cluster::start(cfg, store.clone(), store.meta()).await?)
             }
         };
+        if !args.manager.is_empty() {
+            let link = tern_storage_node::manager_link::ManagerLink {
+                managers: args.manager.clone(),
+                node_id: args.node_id,
+                address: args.listen.to_string(),
+                datacenter: args.datacenter.clone(),
+                data_dir: args.data_dir.clone(),
+                store: store.clone(),
+            };
+            tokio::spawn(link.run());
+        }
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

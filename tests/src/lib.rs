@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod history;
+pub mod managers;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -2,58 +2,19 @@
 //! hits, then a check of the whole history (tests/scripts/history.py): no acknowledged write
 //! lost, no stale read, no I/O error, and I/O back within the hard limit.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tern_tests::cluster::Cluster;
+use tern_tests::history::Workload;
 use tern_tests::{require_tool, text};
 
 /// I/O must resume within this after any single fault (the target is 2 s; the benchmark
 /// measures it).
 const HARD_STALL_LIMIT_MS: f64 = 5000.0;
 
-struct Workload {
-    child: Child,
-    out: std::path::PathBuf,
-}
-
-/// Starts the history workload on `volume` for `secs` seconds; returns once it is writing.
 fn start_workload(c: &Cluster, volume: &str, secs: u32) -> Workload {
-    require_tool("python3");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/history.py");
-    let out = c.dir.path().join(format!("history-{volume}.json"));
-    let mut child = Command::new("/usr/bin/python3")
-        .arg(script)
-        .arg(c.uri(volume))
-        .arg(secs.to_string())
-        .arg(&out)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    match lines.next() {
-        Some(Ok(l)) if l == "READY" => {}
-        other => panic!("workload did not start: {other:?}\n{}", c.logs()),
-    }
-    // Keep draining stdout in the background so the script never blocks on a full pipe.
-    let log = c.dir.path().join(format!("history-{volume}.log"));
-    std::thread::spawn(move || {
-        let all: Vec<String> = lines.map_while(Result::ok).collect();
-        std::fs::write(log, all.join("\n")).unwrap();
-    });
-    Workload { child, out }
-}
-
-/// Waits for the workload and returns (success, its report).
-fn finish(c: &Cluster, w: Workload, volume: &str) -> (bool, String) {
-    let out = w.child.wait_with_output().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let log = std::fs::read_to_string(c.dir.path().join(format!("history-{volume}.log")))
-        .unwrap_or_default();
-    let report = format!("{log}\n{}", String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), report)
+    Workload::start(c.dir.path(), &c.uri(volume), volume, secs, || c.logs())
 }
 
 /// Runs the workload around `fault` and asserts the history is clean.
@@ -63,10 +24,9 @@ fn check_fault(c: &mut Cluster, volume: &str, fault: impl FnOnce(&mut Cluster)) 
     std::thread::sleep(Duration::from_secs(2));
     fault(c);
     let out = w.out.clone();
-    let (ok, report) = finish(c, w, volume);
+    let (ok, report) = w.finish();
     assert!(ok, "history check failed\n{report}\n{}", c.logs());
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    let summary = Workload::summary(&out);
     eprintln!("{volume}: {summary}");
     let stall = summary["max_write_stall_ms"].as_f64().unwrap();
     assert!(stall < HARD_STALL_LIMIT_MS, "I/O stalled {stall} ms\n{report}\n{}", c.logs());
@@ -136,7 +96,7 @@ fn checker_catches_loss_without_replication() {
     let leaders = c.leaders(0);
     let victim = busiest_leader(&c);
     c.kill9(victim);
-    let (ok, report) = finish(&c, w, "lossy");
+    let (ok, report) = w.finish();
     assert!(
         !ok,
         "the checker missed writes lost without replication (killed node index {victim}, \
@@ -203,7 +163,7 @@ fn a_node_behind_the_compacted_log_catches_up_from_a_snapshot() {
     c.must_tern(0, &["volume", "create", "snap", "--size", "1G"]);
     c.kill9(victim);
     let w = start_workload(&c, "snap", 6);
-    let (ok, report) = finish(&c, w, "snap");
+    let (ok, report) = w.finish();
     assert!(ok, "history check failed\n{report}\n{}", c.logs());
     c.start_node(victim);
     let blocks = c.wait_replicas_agree(Duration::from_secs(60));
@@ -224,7 +184,7 @@ fn a_node_behind_the_compacted_log_catches_up_from_a_snapshot() {
     c.kill9(leader);
     c.must_tern(2 - (leader == 2) as usize, &["volume", "create", "snap2", "--size", "1G"]);
     let w = start_workload(&c, "snap2", 2);
-    let (ok, report) = finish(&c, w, "snap2");
+    let (ok, report) = w.finish();
     assert!(ok, "the cluster without its old leader failed\n{report}\n{}", c.logs());
     c.must_be_alive();
 }
@@ -238,7 +198,7 @@ fn node_replacement_under_load() {
     let mut c = Cluster::start_with(8, &["--snapshot-every", "256"]);
     c.must_tern(0, &["volume", "create", "before", "--size", "1G"]);
     let w = start_workload(&c, "before", 3);
-    let (ok, report) = finish(&c, w, "before");
+    let (ok, report) = w.finish();
     assert!(ok, "history check failed before the replacement\n{report}");
     let leader = busiest_leader(&c);
     let victim = (leader + 2) % 3;
@@ -254,7 +214,7 @@ fn node_replacement_under_load() {
     let secs = started.elapsed().as_secs_f64();
     eprintln!("{out}");
     assert!(out.contains("done"), "replacement did not finish\n{out}\n{}", c.logs());
-    let (ok, report) = finish(&c, w, "during");
+    let (ok, report) = w.finish();
     assert!(ok, "history check failed during the replacement\n{report}\n{}", c.logs());
     let blocks: u64 = c.wait_replicas_agree(Duration::from_secs(60)).iter().sum();
     eprintln!(
@@ -269,7 +229,7 @@ fn node_replacement_under_load() {
     assert!(o.status.success(), "volume lost after the replacement\n{}", c.logs());
     c.must_tern(leader, &["volume", "create", "after", "--size", "1G"]);
     let w = start_workload(&c, "after", 2);
-    let (ok, report) = finish(&c, w, "after");
+    let (ok, report) = w.finish();
     assert!(ok, "the cluster with its new node failed\n{report}\n{}", c.logs());
 }
 

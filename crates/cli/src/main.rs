@@ -9,16 +9,26 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// `println!` that ignores a closed stdout (`tern ... | head` must not panic).
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
 use tern_common::{format_size, parse_size, validate_volume_name, validate_volume_size};
 use tern_proto::v1::{
-    self, cluster_client::ClusterClient, volume_admin_client::VolumeAdminClient, volume_ref,
+    self, cluster_client::ClusterClient, manager_client::ManagerClient,
+    volume_admin_client::VolumeAdminClient, volume_ref,
 };
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(name = "tern", version, about = "Operate a Tern block storage cluster")]
 struct Cli {
-    /// gRPC endpoint of the cluster (a storage node for now).
+    /// gRPC endpoint: a volume manager replica (any; several comma-separated are tried in
+    /// turn), or a storage node for node-level commands.
     #[arg(long, global = true, env = "TERN_ENDPOINT", default_value = "http://127.0.0.1:7700")]
     endpoint: String,
     /// Print JSON instead of tables.
@@ -33,9 +43,19 @@ enum Cmd {
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// Storage node status.
+    /// Storage nodes: list them (manager), drain or remove them (manager), one node's
+    /// status and replacement (storage node).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// The whole deployment (manager).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Manager replicas and leader, datacenters, nodes, chunk groups by health, capacity.
+    Status,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -82,12 +102,38 @@ enum VolumeCmd {
     },
     /// Delete a volume and all its data.
     Delete { name: String },
+    /// Attach a volume to a hypervisor host, exclusively (manager).
+    Attach {
+        name: String,
+        /// The host taking the attachment.
+        #[arg(long)]
+        host: String,
+        /// Take the attachment over from another host: its writes are fenced off.
+        #[arg(long)]
+        takeover: bool,
+    },
+    /// Detach a volume from a host (manager).
+    Detach {
+        name: String,
+        #[arg(long)]
+        host: String,
+    },
+    /// List attachments (manager).
+    Attachments,
 }
 
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
-    /// Show the node's status.
+    /// Show the endpoint storage node's status.
     Status,
+    /// List the storage nodes registered with the manager.
+    List,
+    /// Mark a node draining: its replicas are to move to other nodes of its datacenter.
+    Drain { id: u64 },
+    /// Cancel a drain.
+    Undrain { id: u64 },
+    /// Mark a node removed for good (its id is never reused).
+    Remove { id: u64 },
     /// Move every replica of node OLD (gone for good, or to retire) to a new node of the same
     /// datacenter, started with `tern-storage-node --join`. Shows progress until done; run it
     /// again to resume after an interruption.
@@ -256,15 +302,161 @@ fn show_volume(json: bool, v: &v1::Volume) {
     }
 }
 
-async fn connect(endpoint: &str) -> Result<Channel, Fail> {
-    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| Fail::usage(format!("bad endpoint {endpoint:?}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(3));
-    let ch = ep
-        .connect()
-        .await
-        .map_err(|e| Fail { code: 5, msg: format!("cannot reach {endpoint}: {e}") })?;
-    Ok(ch)
+/// Connects to the first of the comma-separated endpoints that answers.
+async fn connect(endpoints: &str) -> Result<Channel, Fail> {
+    let mut errors = Vec::new();
+    for endpoint in endpoints.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| Fail::usage(format!("bad endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(3));
+        match ep.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => errors.push(format!("{endpoint}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        return Err(Fail::usage("no endpoint given (--endpoint or TERN_ENDPOINT)"));
+    }
+    Err(Fail { code: 5, msg: format!("cannot reach {}", errors.join("; ")) })
+}
+
+fn node_state(s: i32) -> &'static str {
+    match v1::NodeState::try_from(s) {
+        Ok(v1::NodeState::Up) => "up",
+        Ok(v1::NodeState::Down) => "down",
+        Ok(v1::NodeState::Draining) => "draining",
+        Ok(v1::NodeState::Removed) => "removed",
+        _ => "unknown",
+    }
+}
+
+fn node_json(n: &v1::StorageNode) -> serde_json::Value {
+    serde_json::json!({
+        "id": n.id, "address": n.address, "datacenter": n.datacenter,
+        "state": node_state(n.state), "capacity_bytes": n.capacity_bytes,
+        "used_bytes": n.used_bytes, "registered_at": n.registered_at,
+        "heartbeat_age_ms": n.heartbeat_age_ms,
+    })
+}
+
+fn node_rows(ns: &[v1::StorageNode]) -> Vec<Vec<String>> {
+    ns.iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.address.clone(),
+                n.datacenter.clone(),
+                node_state(n.state).to_string(),
+                format_size(n.capacity_bytes),
+                format_size(n.used_bytes),
+                n.heartbeat_age_ms.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1e3)),
+            ]
+        })
+        .collect()
+}
+
+const NODE_HEADER: [&str; 7] = ["ID", "ADDRESS", "DC", "STATE", "CAPACITY", "USED", "HEARD"];
+
+fn show_nodes(json: bool, ns: &[v1::StorageNode]) {
+    if json {
+        println!("{}", serde_json::Value::Array(ns.iter().map(node_json).collect()));
+    } else {
+        print_table(&NODE_HEADER, &node_rows(ns));
+    }
+}
+
+fn attachment_json(a: &v1::Attachment) -> serde_json::Value {
+    serde_json::json!({
+        "volume": a.volume, "volume_id": a.volume_id, "host": a.host,
+        "generation": a.generation, "attached_at": a.attached_at,
+    })
+}
+
+fn show_attachments(json: bool, atts: &[v1::Attachment]) {
+    if json {
+        println!("{}", serde_json::Value::Array(atts.iter().map(attachment_json).collect()));
+    } else {
+        let rows: Vec<Vec<String>> = atts
+            .iter()
+            .map(|a| vec![a.volume.clone(), a.host.clone(), a.generation.to_string()])
+            .collect();
+        print_table(&["VOLUME", "HOST", "GENERATION"], &rows);
+    }
+}
+
+async fn set_node_state(
+    mgr: &mut ManagerClient<Channel>,
+    json: bool,
+    id: u64,
+    state: v1::NodeState,
+) -> Result<(), Fail> {
+    let req = v1::SetNodeStateRequest { node_id: id, state: state as i32 };
+    let n = mgr.set_node_state(req).await?.into_inner();
+    show_nodes(json, std::slice::from_ref(&n));
+    Ok(())
+}
+
+fn show_cluster(json: bool, s: &v1::ClusterStatusResponse) {
+    if json {
+        let managers: Vec<_> = s
+            .managers
+            .iter()
+            .map(|m| serde_json::json!({"id": m.id, "address": m.address, "datacenter": m.datacenter, "leader": m.id == s.leader}))
+            .collect();
+        let dcs: Vec<_> = s
+            .datacenters
+            .iter()
+            .map(|d| serde_json::json!({"name": d.name, "nodes": d.nodes, "nodes_up": d.nodes_up, "capacity_bytes": d.capacity_bytes, "used_bytes": d.used_bytes}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "managers": managers, "leader": s.leader, "term": s.term, "datacenters": dcs,
+                "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+                "volumes": s.volumes, "attachments": s.attachments,
+                "groups": {"total": s.groups, "healthy": s.groups_healthy,
+                           "degraded": s.groups_degraded, "rebuilding": s.groups_rebuilding},
+                "storage_error": s.storage_error,
+            })
+        );
+        return;
+    }
+    println!("managers (leader {} in term {}):", s.leader, s.term);
+    let rows: Vec<Vec<String>> = s
+        .managers
+        .iter()
+        .map(|m| {
+            let role = if m.id == s.leader { "leader" } else { "follower" };
+            vec![m.id.to_string(), m.address.clone(), m.datacenter.clone(), role.into()]
+        })
+        .collect();
+    print_table(&["ID", "ADDRESS", "DC", "ROLE"], &rows);
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .datacenters
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                format!("{}/{}", d.nodes_up, d.nodes),
+                format_size(d.capacity_bytes),
+                format_size(d.used_bytes),
+            ]
+        })
+        .collect();
+    print_table(&["DATACENTER", "NODES_UP", "CAPACITY", "USED"], &rows);
+    println!();
+    print_table(&NODE_HEADER, &node_rows(&s.nodes));
+    println!();
+    if s.storage_error.is_empty() {
+        println!(
+            "chunk groups: {} ({} healthy, {} degraded, {} rebuilding)",
+            s.groups, s.groups_healthy, s.groups_degraded, s.groups_rebuilding
+        );
+    } else {
+        println!("chunk groups: unknown ({})", s.storage_error);
+    }
+    println!("volumes: {}, attachments: {}", s.volumes, s.attachments);
 }
 
 async fn run(cli: Cli) -> Result<(), Fail> {
@@ -284,8 +476,44 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     }
     let channel = connect(&cli.endpoint).await?;
     let mut c = VolumeAdminClient::new(channel.clone());
+    let mut mgr = ManagerClient::new(channel.clone());
     let json = cli.json;
     match cli.cmd {
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let s = mgr.cluster_status(v1::ClusterStatusRequest {}).await?.into_inner();
+            show_cluster(json, &s);
+        }
+        Cmd::Node(NodeCmd::List) => {
+            let ns = mgr.list_nodes(v1::ListNodesRequest {}).await?.into_inner().nodes;
+            show_nodes(json, &ns);
+        }
+        Cmd::Node(NodeCmd::Drain { id }) => {
+            set_node_state(&mut mgr, json, id, v1::NodeState::Draining).await?
+        }
+        Cmd::Node(NodeCmd::Undrain { id }) => {
+            set_node_state(&mut mgr, json, id, v1::NodeState::Up).await?
+        }
+        Cmd::Node(NodeCmd::Remove { id }) => {
+            set_node_state(&mut mgr, json, id, v1::NodeState::Removed).await?
+        }
+        Cmd::Volume(VolumeCmd::Attach { name, host, takeover }) => {
+            let req = v1::AttachRequest { volume: by_name(&name), host, takeover };
+            let a = mgr.attach(req).await?.into_inner();
+            show_attachments(json, std::slice::from_ref(&a));
+        }
+        Cmd::Volume(VolumeCmd::Detach { name, host }) => {
+            mgr.detach(v1::DetachRequest { volume: by_name(&name), host: host.clone() }).await?;
+            if json {
+                println!("{}", serde_json::json!({ "detached": name, "host": host }));
+            } else {
+                println!("detached volume {name} from {host}");
+            }
+        }
+        Cmd::Volume(VolumeCmd::Attachments) => {
+            let atts =
+                mgr.list_attachments(v1::ListAttachmentsRequest {}).await?.into_inner().attachments;
+            show_attachments(json, &atts);
+        }
         Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class }) => {
             let storage_class = match class {
                 None => v1::StorageClass::Unspecified,

@@ -1,0 +1,147 @@
+//! A storage node's link to the volume manager (`--manager`): it registers at start (id,
+//! address, datacenter, capacity), then sends a heartbeat every second. The manager marks a
+//! node down when its heartbeats stop, and up again with the next one.
+//!
+//! Any manager replica will do (followers forward to the leader); the node tries them in
+//! turn. Losing the managers never stops the data path: the link only retries.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_proto::v1::{self, manager_client::ManagerClient};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::store::ChunkStore;
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+pub struct ManagerLink {
+    pub managers: Vec<String>,
+    pub node_id: u64,
+    /// `host:port` others reach this node's gRPC services at.
+    pub address: String,
+    pub datacenter: String,
+    pub data_dir: PathBuf,
+    pub store: Arc<ChunkStore>,
+}
+
+/// Size of the filesystem holding `dir`, in bytes (0 if it cannot be told).
+pub fn filesystem_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid NUL-terminated string and `st` points to writable memory
+    // the size of a statvfs.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    st.f_blocks.saturating_mul(st.f_frsize)
+}
+
+fn channel(address: &str) -> Option<Channel> {
+    let uri =
+        if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+    Some(
+        Channel::from_shared(uri)
+            .ok()?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy(),
+    )
+}
+
+impl ManagerLink {
+    fn used(&self) -> u64 {
+        self.store.list().iter().map(|v| v.allocated_bytes()).sum()
+    }
+
+    async fn register(&self) -> Result<(), String> {
+        let mut last = String::from("no manager address");
+        for m in &self.managers {
+            let Some(ch) = channel(m) else {
+                last = format!("bad manager address {m:?}");
+                continue;
+            };
+            let req = v1::RegisterNodeRequest {
+                id: self.node_id,
+                address: self.address.clone(),
+                datacenter: self.datacenter.clone(),
+                capacity_bytes: filesystem_bytes(&self.data_dir),
+                used_bytes: self.used(),
+            };
+            match ManagerClient::new(ch).register_node(req).await {
+                Ok(_) => {
+                    tracing::info!(manager = %m, "registered with the volume manager");
+                    return Ok(());
+                }
+                // Refused for good (e.g. the id belongs to another datacenter): say so loudly.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::FailedPrecondition | Code::AlreadyExists | Code::InvalidArgument
+                    ) =>
+                {
+                    return Err(format!("the volume manager refused this node: {}", s.message()))
+                }
+                Err(s) => last = format!("{m}: {}", s.message()),
+            }
+        }
+        Err(last)
+    }
+
+    /// Registers, then heartbeats until the process ends.
+    pub async fn run(self) {
+        let mut registered = false;
+        let mut failures = 0u32;
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !registered {
+                match self.register().await {
+                    Ok(()) => registered = true,
+                    Err(e) => {
+                        // Every 10 s, not every second.
+                        if failures.is_multiple_of(10) {
+                            tracing::warn!("registering with the volume manager: {e}");
+                        }
+                        failures += 1;
+                    }
+                }
+                continue;
+            }
+            let req = v1::HeartbeatRequest {
+                node_id: self.node_id,
+                capacity_bytes: filesystem_bytes(&self.data_dir),
+                used_bytes: self.used(),
+            };
+            let mut ok = false;
+            for m in &self.managers {
+                let Some(ch) = channel(m) else { continue };
+                match ManagerClient::new(ch).heartbeat(req).await {
+                    Ok(_) => {
+                        ok = true;
+                        break;
+                    }
+                    Err(s) if s.code() == Code::NotFound => {
+                        registered = false;
+                        ok = true;
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !ok {
+                if failures.is_multiple_of(10) {
+                    tracing::warn!("no volume manager replica answers heartbeats");
+                }
+                failures += 1;
+            }
+        }
+    }
+}

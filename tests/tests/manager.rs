@@ -1,0 +1,186 @@
+//! The volume manager with real processes: three manager replicas (127.0.N.3, one per
+//! datacenter), three storage nodes registered with them, an NBD frontend, the `tern` CLI.
+
+use std::time::Duration;
+
+use tern_proto::v1::{self, manager_client::ManagerClient, volume_admin_client::VolumeAdminClient};
+use tern_tests::cluster::Cluster;
+use tern_tests::history::Workload;
+use tern_tests::managers::Managers;
+use tern_tests::text;
+use tonic::Code;
+
+/// Managers (marking a silent node down after `down_after` s) and a cluster registered
+/// with them; returns once the manager sees all three nodes up.
+fn deployment(down_after: &str) -> (Managers, Cluster) {
+    let m = Managers::start(&["--node-down-after", down_after]);
+    let c = Cluster::start_with(8, &["--manager", &m.addrs()]);
+    m.wait_json(&["node", "list"], Duration::from_secs(30), "three nodes up", |v| {
+        v.as_array().is_some_and(|ns| ns.len() == 3 && ns.iter().all(|n| n["state"] == "up"))
+    });
+    (m, c)
+}
+
+fn attachment(m: &Managers, volume: &str) -> serde_json::Value {
+    let all = m.json(&["volume", "attachments"]);
+    all.as_array().unwrap().iter().find(|a| a["volume"] == volume).cloned().unwrap_or_default()
+}
+
+#[test]
+fn manager_failover_keeps_the_cli_attachments_and_io_working() {
+    let (mut m, c) = deployment("10");
+    m.must_tern(&["volume", "create", "vm1", "--size", "1G"]);
+    m.must_tern(&["volume", "attach", "vm1", "--host", "hv1"]);
+    let w = Workload::start(c.dir.path(), &c.uri("vm1"), "vm1", 10, || c.logs());
+    std::thread::sleep(Duration::from_secs(1));
+
+    let leader = m.leader();
+    m.kill9(leader);
+    // Any surviving replica answers (the CLI is given all three; the dead one is skipped).
+    let listed = m.json(&["volume", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let a = m.json(&["volume", "attach", "vm1", "--host", "hv2", "--takeover"]);
+    assert_eq!(a[0]["generation"], 2, "a takeover issues the next generation: {a}");
+    assert_ne!(m.leader(), leader, "a new manager leads");
+
+    // I/O never depended on the manager.
+    let out = w.out.clone();
+    let (ok, report) = w.finish();
+    assert!(ok, "I/O failed while the manager failed over\n{report}\n{}", c.logs());
+    eprintln!("workload: {}", Workload::summary(&out));
+
+    // The killed replica comes back and catches up: with another replica killed it is part
+    // of every quorum, and the state is whole.
+    m.start_replica(leader);
+    let other = (leader + 1) % 3;
+    m.kill9(other);
+    let a = attachment(&m, "vm1");
+    assert_eq!((a["host"].as_str(), a["generation"].as_u64()), (Some("hv2"), Some(2)), "{a}");
+    m.must_tern(&["volume", "detach", "vm1", "--host", "hv2"]);
+    m.start_replica(other);
+    assert!(attachment(&m, "vm1").is_null());
+}
+
+#[test]
+fn manager_state_survives_kill9_of_every_replica() {
+    let (mut m, _c) = deployment("10");
+    m.must_tern(&["volume", "create", "keep", "--size", "256M", "--label", "tier=gold"]);
+    m.must_tern(&["volume", "attach", "keep", "--host", "hv1"]);
+    m.must_tern(&["volume", "attach", "keep", "--host", "hv2", "--takeover"]);
+    m.must_tern(&["node", "drain", "2"]);
+    for i in 0..3 {
+        m.kill9(i);
+    }
+    for i in 0..3 {
+        m.start_replica(i);
+    }
+    m.wait_leader(Duration::from_secs(30));
+    let a = attachment(&m, "keep");
+    assert_eq!((a["host"].as_str(), a["generation"].as_u64()), (Some("hv2"), Some(2)), "{a}");
+    let v = m.json(&["volume", "get", "keep"]);
+    assert_eq!(v["labels"]["tier"], "gold", "{v}");
+    let n = m.json(&["node", "list"]);
+    assert_eq!(n[1]["state"], "draining", "{n}");
+    // Generations are never issued twice, across restarts too.
+    let a = m.json(&["volume", "attach", "keep", "--host", "hv1", "--takeover"]);
+    assert_eq!(a[0]["generation"], 3, "{a}");
+}
+
+#[test]
+fn a_silent_storage_node_is_marked_down_then_up_again() {
+    let (m, mut c) = deployment("2");
+    let status = m.json(&["cluster", "status"]);
+    assert_eq!(status["groups"]["healthy"], 8, "{status}");
+    assert_eq!(status["datacenters"].as_array().unwrap().len(), 3, "{status}");
+    c.kill9(2);
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3 down", |v| {
+        v[2]["state"] == "down"
+    });
+    let status = m.json(&["cluster", "status"]);
+    assert_eq!(status["groups"]["degraded"], 8, "a replica of every group is down: {status}");
+    c.start_node(2);
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3 up", |v| v[2]["state"] == "up");
+    m.wait_json(&["cluster", "status"], Duration::from_secs(20), "groups healthy", |s| {
+        s["groups"]["healthy"] == 8
+    });
+}
+
+/// Runs one gRPC call against the managers' first live replica.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_exit_codes() {
+    let (m, _c) = deployment("10");
+    m.must_tern(&["volume", "create", "busy", "--size", "64M"]);
+    m.must_tern(&["volume", "attach", "busy", "--host", "hv1"]);
+    let expect = |args: &[&str], code: i32, says: &str| {
+        let o = m.tern(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(code), "tern {args:?}\n{}", text(&o));
+        assert!(err.contains(says), "tern {args:?} should say {says:?}\n{}", text(&o));
+    };
+    expect(&["volume", "attach", "nope", "--host", "hv1"], 3, "no volume named");
+    expect(&["volume", "attach", "busy", "--host", "hv2"], 6, "attached to host \"hv1\"");
+    expect(&["volume", "detach", "busy", "--host", "hv2"], 6, "not \"hv2\"");
+    expect(&["volume", "delete", "busy"], 6, "detach it first");
+    expect(&["volume", "create", "busy", "--size", "64M"], 4, "already exists");
+    expect(&["node", "drain", "99"], 3, "no storage node 99");
+    expect(&["volume", "create", "bad name!", "--size", "1G"], 2, "");
+    let o = tern_tests::run(
+        30,
+        tern_tests::bin("tern").to_str().unwrap(),
+        &["--endpoint", "http://127.0.0.1:1", "volume", "list"],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+
+    // The server checks too, whatever the client sends.
+    let endpoint = format!("http://{}", m.replicas[0].addr);
+    block_on(async {
+        let ch =
+            tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+        let mut admin = VolumeAdminClient::new(ch.clone());
+        let mut mgr = ManagerClient::new(ch);
+        let bad_name = v1::CreateVolumeRequest {
+            name: "../etc".into(),
+            size_bytes: 1 << 30,
+            ..Default::default()
+        };
+        assert_eq!(admin.create_volume(bad_name).await.unwrap_err().code(), Code::InvalidArgument);
+        let bad_size =
+            v1::CreateVolumeRequest { name: "x".into(), size_bytes: 12345, ..Default::default() };
+        assert_eq!(admin.create_volume(bad_size).await.unwrap_err().code(), Code::InvalidArgument);
+        let bad_class = v1::CreateVolumeRequest {
+            name: "y".into(),
+            size_bytes: 1 << 30,
+            storage_class: 77,
+            ..Default::default()
+        };
+        assert_eq!(admin.create_volume(bad_class).await.unwrap_err().code(), Code::InvalidArgument);
+        let down = v1::SetNodeStateRequest { node_id: 1, state: v1::NodeState::Down as i32 };
+        assert_eq!(mgr.set_node_state(down).await.unwrap_err().code(), Code::InvalidArgument);
+        let no_host = v1::AttachRequest {
+            volume: Some(v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Name("busy".into())) }),
+            host: String::new(),
+            takeover: false,
+        };
+        assert_eq!(mgr.attach(no_host).await.unwrap_err().code(), Code::InvalidArgument);
+        let no_volume = v1::AttachRequest { volume: None, host: "h".into(), takeover: false };
+        assert_eq!(mgr.attach(no_volume).await.unwrap_err().code(), Code::InvalidArgument);
+        let anon = v1::RegisterNodeRequest { id: 9, ..Default::default() };
+        assert_eq!(mgr.register_node(anon).await.unwrap_err().code(), Code::InvalidArgument);
+        let other_dc = v1::RegisterNodeRequest {
+            id: 1,
+            address: "127.0.9.9:1".into(),
+            datacenter: "dc9".into(),
+            ..Default::default()
+        };
+        assert_eq!(mgr.register_node(other_dc).await.unwrap_err().code(), Code::FailedPrecondition);
+        let ghost = v1::HeartbeatRequest { node_id: 42, ..Default::default() };
+        assert_eq!(mgr.heartbeat(ghost).await.unwrap_err().code(), Code::NotFound);
+    });
+    // Nothing above disturbed the service.
+    let a = attachment(&m, "busy");
+    assert_eq!(a["host"], "hv1", "{a}");
+}

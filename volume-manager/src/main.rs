@@ -1,0 +1,92 @@
+//! `tern-volume-manager`: one replica of Tern's control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tern_common::NodeAddr;
+use tern_proto::v1::{
+    manager_raft_server::ManagerRaftServer, manager_server::ManagerServer,
+    volume_admin_server::VolumeAdminServer,
+};
+use tern_volume_manager::{monitor, raft::network::RaftService, service::Service};
+
+#[derive(Parser, Debug)]
+#[command(name = "tern-volume-manager", version, about = "Tern's replicated volume manager")]
+struct Args {
+    /// This replica's id (one of --peers).
+    #[arg(long)]
+    node_id: u64,
+    /// The manager replicas, ID=HOST:PORT@DATACENTER, comma-separated (one per datacenter).
+    #[arg(long, value_delimiter = ',', required = true)]
+    peers: Vec<NodeAddr>,
+    /// Where to listen (defaults to this replica's address in --peers).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory of the replica's Raft log and snapshots.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A storage node silent this long (seconds) is marked down.
+    #[arg(long, default_value_t = 10)]
+    node_down_after: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tern_common::init_logging();
+    let args = Args::parse();
+    let me = args
+        .peers
+        .iter()
+        .find(|p| p.id == args.node_id)
+        .ok_or_else(|| anyhow::anyhow!("--node-id {} is not one of --peers", args.node_id))?
+        .clone();
+    let mut ids: Vec<u64> = args.peers.iter().map(|p| p.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != args.peers.len() {
+        anyhow::bail!("--peers lists an id twice");
+    }
+    let listen: SocketAddr = match args.listen {
+        Some(a) => a,
+        None => me
+            .address
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--peers address {:?}: {e}", me.address))?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+        let m = tern_volume_manager::start(args.node_id, &args.peers, &args.data_dir).await?;
+        tokio::spawn(monitor::watch_nodes(m.clone(), Duration::from_secs(args.node_down_after)));
+        tracing::info!(id = args.node_id, %listen, datacenter = %me.datacenter, "volume manager listening");
+        let svc = Service(m.clone());
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(ManagerRaftServer::new(RaftService { raft: m.raft.clone() }))
+            .add_service(ManagerServer::new(svc.clone()))
+            .add_service(VolumeAdminServer::new(svc))
+            .serve_with_incoming(incoming);
+        // Every acknowledged change is already synced in the log: stopping at once loses
+        // nothing (clients with open connections would hold a graceful shutdown forever).
+        tokio::select! {
+            r = server => r?,
+            () = shutdown => {}
+        }
+        let _ = m.raft.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,677 @@
+//! The manager's gRPC services: `VolumeAdmin` (volumes) and `Manager` (nodes, attachments,
+//! cluster status).
+//!
+//! Any replica answers: a follower forwards the call to the leader (marked with
+//! `x-tern-forwarded`, so a call is forwarded at most once), waiting out an election for up to
+//! [`LEADER_WAIT`]. The leader reads its state after confirming its leadership with a quorum
+//! (linearizable), and changes it only through the Raft log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use parking_lot::{Mutex, RwLock};
+use tern_common::{validate_volume_name, validate_volume_size, BLOCK_SIZE, CHUNK_SIZE};
+use tern_proto::v1::{self, manager_client::ManagerClient, volume_admin_client::VolumeAdminClient};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::raft::Raft;
+use crate::state::{Attachment, Class, Cmd, NodeRecord, NodeState, Reply, State, VolumeRecord};
+use crate::storage;
+
+const FORWARDED: &str = "x-tern-forwarded";
+/// How long a call waits for a leader (an election takes about a second).
+pub const LEADER_WAIT: Duration = Duration::from_secs(8);
+
+/// What the leading manager last heard from a storage node (not replicated: a new leader
+/// starts afresh and gives every node `node_down_after` to be heard from).
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub at: Instant,
+    pub capacity: u64,
+    pub used: u64,
+}
+
+pub struct Manager {
+    pub id: u64,
+    pub raft: Raft,
+    pub state: Arc<RwLock<State>>,
+    pub seen: Arc<Mutex<HashMap<u64, Seen>>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Serializes volume administration on the leader (each step calls the storage cluster,
+    /// then proposes; two creates of one name must not interleave).
+    admin: tokio::sync::Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    r
+}
+
+fn is_forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(FORWARDED)
+}
+
+fn refused(reply: Reply) -> Result<Reply, Status> {
+    match reply {
+        Reply::Refused(r) => Err(r.into()),
+        other => Ok(other),
+    }
+}
+
+fn node_state_to_wire(s: NodeState) -> v1::NodeState {
+    match s {
+        NodeState::Up => v1::NodeState::Up,
+        NodeState::Down => v1::NodeState::Down,
+        NodeState::Draining => v1::NodeState::Draining,
+        NodeState::Removed => v1::NodeState::Removed,
+    }
+}
+
+fn class_to_wire(c: Class) -> v1::StorageClass {
+    match c {
+        Class::Local => v1::StorageClass::Local,
+        Class::Replicated => v1::StorageClass::Replicated,
+    }
+}
+
+fn volume_to_wire(v: &VolumeRecord, allocated: u64) -> v1::Volume {
+    v1::Volume {
+        id: v.id,
+        name: v.name.clone(),
+        size_bytes: v.size,
+        block_size: BLOCK_SIZE as u32,
+        chunk_size: CHUNK_SIZE,
+        storage_class: class_to_wire(v.class) as i32,
+        read_only: v.read_only,
+        created_at: v.created_at,
+        allocated_bytes: allocated,
+        tenant: v.tenant.clone(),
+        labels: v.labels.clone().into_iter().collect(),
+    }
+}
+
+fn attachment_to_wire(a: &Attachment, state: &State) -> v1::Attachment {
+    v1::Attachment {
+        volume_id: a.volume_id,
+        volume: state.volumes.get(&a.volume_id).map(|v| v.name.clone()).unwrap_or_default(),
+        host: a.host.clone(),
+        generation: a.generation,
+        attached_at: a.attached_at,
+    }
+}
+
+impl Manager {
+    pub fn new(id: u64, raft: Raft, state: Arc<RwLock<State>>) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            raft,
+            state,
+            seen: Arc::default(),
+            channels: Mutex::default(),
+            admin: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut m = self.channels.lock();
+        if let Some(c) = m.get(address) {
+            return Ok(c.clone());
+        }
+        let c = Channel::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::internal(format!("manager address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        m.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// `None` if this replica leads (handle the call here), else a channel to the leader.
+    async fn leader<T>(&self, req: &Request<T>) -> Result<Option<Channel>, Status> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let (leader, address) = {
+                let m = metrics.borrow_and_update();
+                let leader = m.current_leader;
+                let address = leader.and_then(|l| {
+                    m.membership_config.membership().get_node(&l).map(|n| n.address.clone())
+                });
+                (leader, address)
+            };
+            match (leader, address) {
+                (Some(l), _) if l == self.id => return Ok(None),
+                (Some(_), Some(a)) if !is_forwarded(req) => return Ok(Some(self.channel(&a)?)),
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+                return Err(Status::unavailable(format!(
+                    "manager {}: no leading manager (leader known: {:?})",
+                    self.id, leader
+                )));
+            }
+        }
+    }
+
+    /// Confirms leadership with a quorum: what this replica's state says is then current.
+    async fn linearize(&self) -> Result<(), Status> {
+        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| {
+            Status::unavailable(format!("manager {}: leadership not confirmed: {e}", self.id))
+        })
+    }
+
+    pub async fn propose(&self, cmd: Cmd) -> Result<Reply, Status> {
+        match self.raft.client_write(cmd).await {
+            Ok(r) => refused(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Status::unavailable(format!(
+                    "manager {}: leadership moved (to {:?}); retry",
+                    self.id, f.leader_id
+                )))
+            }
+            Err(e) => Err(Status::unavailable(format!("manager {}: {e}", self.id))),
+        }
+    }
+
+    /// Addresses of the storage nodes that are up, the freshest heartbeat first.
+    fn storage_addresses(&self) -> Vec<String> {
+        let seen = self.seen.lock();
+        let st = self.state.read();
+        let mut up: Vec<&NodeRecord> = st
+            .nodes
+            .values()
+            .filter(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
+            .collect();
+        up.sort_by_key(|n| std::cmp::Reverse(seen.get(&n.id).map(|s| s.at)));
+        up.into_iter().map(|n| n.address.clone()).collect()
+    }
+
+    fn find_volume(&self, r: Option<&v1::VolumeRef>) -> Result<VolumeRecord, Status> {
+        let st = self.state.read();
+        match r.and_then(|r| r.r#ref.as_ref()) {
+            Some(v1::volume_ref::Ref::Id(id)) => st
+                .volumes
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no volume with id {id}"))),
+            Some(v1::volume_ref::Ref::Name(n)) => st
+                .volume_by_name(n)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no volume named {n:?}"))),
+            None => Err(Status::invalid_argument("a volume (id or name) is required")),
+        }
+    }
+
+    fn node_to_wire(&self, n: &NodeRecord) -> v1::StorageNode {
+        let seen = self.seen.lock().get(&n.id).copied();
+        v1::StorageNode {
+            id: n.id,
+            address: n.address.clone(),
+            datacenter: n.datacenter.clone(),
+            state: node_state_to_wire(n.state) as i32,
+            capacity_bytes: seen.map_or(0, |s| s.capacity),
+            used_bytes: seen.map_or(0, |s| s.used),
+            registered_at: n.registered_at,
+            heartbeat_age_ms: seen.map(|s| s.at.elapsed().as_millis() as u64),
+        }
+    }
+
+    // ------------------------------------------------------------------ volumes (leader)
+
+    async fn create_here(&self, req: v1::CreateVolumeRequest) -> Result<v1::Volume, Status> {
+        validate_volume_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_volume_size(req.size_bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let class = match v1::StorageClass::try_from(req.storage_class) {
+            Ok(v1::StorageClass::Local) => Class::Local,
+            Ok(v1::StorageClass::Replicated | v1::StorageClass::Unspecified) => Class::Replicated,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown storage class {}",
+                    req.storage_class
+                )))
+            }
+        };
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        if self.state.read().volume_by_name(&req.name).is_some() {
+            return Err(Status::already_exists(format!("volume {:?} already exists", req.name)));
+        }
+        let addrs = self.storage_addresses();
+        let mut wire = req.clone();
+        wire.storage_class = class_to_wire(class) as i32;
+        let made = match storage::create_volume(&addrs, wire).await {
+            Ok(v) => v,
+            // Created by an earlier attempt that did not get to record it: adopt it.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                let by_name =
+                    v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Name(req.name.clone())) };
+                let v = storage::get_volume(&addrs, by_name).await?;
+                if v.storage_class != class_to_wire(class) as i32 {
+                    return Err(s);
+                }
+                v
+            }
+            Err(s) => return Err(s),
+        };
+        let rec = VolumeRecord {
+            id: made.id,
+            name: made.name.clone(),
+            size: made.size_bytes,
+            class,
+            read_only: made.read_only,
+            tenant: req.tenant,
+            labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            created_at: made.created_at,
+        };
+        match self.propose(Cmd::CreateVolume(rec)).await? {
+            Reply::Volume(v) => Ok(volume_to_wire(&v, made.allocated_bytes)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn allocated(&self, id: u64) -> u64 {
+        let r = v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(id)) };
+        storage::get_volume(&self.storage_addresses(), r).await.map_or(0, |v| v.allocated_bytes)
+    }
+
+    async fn resize_here(&self, req: v1::ResizeVolumeRequest) -> Result<v1::Volume, Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        validate_volume_size(req.size_bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.size_bytes < v.size && !req.allow_shrink {
+            return Err(Status::failed_precondition(format!(
+                "shrinking volume {:?} from {} to {} bytes discards data: pass allow_shrink",
+                v.name, v.size, req.size_bytes
+            )));
+        }
+        let by_id = v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(v.id)) };
+        let wire = v1::ResizeVolumeRequest { volume: Some(by_id), ..req.clone() };
+        let made = storage::resize_volume(&self.storage_addresses(), wire).await?;
+        let cmd = Cmd::UpdateVolume { id: v.id, size: Some(made.size_bytes), read_only: None };
+        match self.propose(cmd).await? {
+            Reply::Volume(v) => Ok(volume_to_wire(&v, made.allocated_bytes)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn update_here(&self, req: v1::UpdateVolumeRequest) -> Result<v1::Volume, Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        let by_id = v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(v.id)) };
+        let wire = v1::UpdateVolumeRequest { volume: Some(by_id), ..req.clone() };
+        let made = storage::update_volume(&self.storage_addresses(), wire).await?;
+        let cmd = Cmd::UpdateVolume { id: v.id, size: None, read_only: Some(made.read_only) };
+        match self.propose(cmd).await? {
+            Reply::Volume(v) => Ok(volume_to_wire(&v, made.allocated_bytes)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn delete_here(&self, req: v1::DeleteVolumeRequest) -> Result<(), Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        if let Some(a) = self.state.read().attachments.get(&v.id) {
+            return Err(Status::failed_precondition(format!(
+                "volume {:?} is attached to host {:?}; detach it first",
+                v.name, a.host
+            )));
+        }
+        match storage::delete_volume(&self.storage_addresses(), v.id).await {
+            Ok(()) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(s),
+        }
+        self.propose(Cmd::DeleteVolume { id: v.id }).await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ status
+
+    async fn cluster_status_here(&self) -> Result<v1::ClusterStatusResponse, Status> {
+        self.linearize().await?;
+        let m = self.raft.metrics().borrow().clone();
+        let managers = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| v1::ManagerReplica {
+                id: *id,
+                address: n.address.clone(),
+                datacenter: n.datacenter.clone(),
+            })
+            .collect();
+        let (nodes, volumes, attachments, down): (Vec<NodeRecord>, u64, u64, Vec<u64>) = {
+            let st = self.state.read();
+            let down =
+                st.nodes.values().filter(|n| n.state != NodeState::Up).map(|n| n.id).collect();
+            (
+                st.nodes.values().cloned().collect(),
+                st.volumes.len() as u64,
+                st.attachments.len() as u64,
+                down,
+            )
+        };
+        let nodes: Vec<v1::StorageNode> = nodes.iter().map(|n| self.node_to_wire(n)).collect();
+        let mut dcs: BTreeMap<String, v1::DatacenterStatus> = BTreeMap::new();
+        for n in nodes.iter().filter(|n| n.state != v1::NodeState::Removed as i32) {
+            let d = dcs.entry(n.datacenter.clone()).or_insert_with(|| v1::DatacenterStatus {
+                name: n.datacenter.clone(),
+                ..Default::default()
+            });
+            d.nodes += 1;
+            if n.state == v1::NodeState::Up as i32 || n.state == v1::NodeState::Draining as i32 {
+                d.nodes_up += 1;
+            }
+            d.capacity_bytes += n.capacity_bytes;
+            d.used_bytes += n.used_bytes;
+        }
+        let mut out = v1::ClusterStatusResponse {
+            managers,
+            leader: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            datacenters: dcs.into_values().collect(),
+            nodes,
+            volumes,
+            attachments,
+            ..Default::default()
+        };
+        let addrs = self.storage_addresses();
+        match storage::cluster_map(&addrs).await {
+            Ok(map) => {
+                let members: Vec<u64> = map.nodes.iter().map(|n| n.id).collect();
+                let replica_down = members.iter().any(|id| down.contains(id));
+                let rebuilding = storage::groups_rebuilding(&addrs).await;
+                out.groups = map.groups;
+                for g in &map.group_state {
+                    if g.group == 0 {
+                        continue;
+                    }
+                    if g.leader == 0 || replica_down {
+                        out.groups_degraded += 1;
+                    } else {
+                        out.groups_healthy += 1;
+                    }
+                }
+                let moved = rebuilding.min(out.groups_healthy);
+                out.groups_healthy -= moved;
+                out.groups_rebuilding = moved;
+            }
+            Err(s) => out.storage_error = s.message().to_string(),
+        }
+        Ok(out)
+    }
+}
+
+/// A status tonic made up on this side (no server answered: the leader we knew is gone), so
+/// the request never reached a server and is safe to send again.
+fn never_reached_a_server(s: &Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.metadata().get("content-type").is_none()
+}
+
+/// Forwards the call to the leader unless this replica leads. A leader that cannot be reached
+/// (killed a moment ago) is asked again as the replicas elect a new one, for up to
+/// [`LEADER_WAIT`].
+macro_rules! forward {
+    ($self:ident, $req:ident, $client:ident, $method:ident) => {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        while let Some(ch) = $self.leader(&$req).await? {
+            match $client::new(ch).$method(forwarded($req.get_ref().clone())).await {
+                Err(s) if never_reached_a_server(&s) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    };
+}
+
+#[derive(Clone)]
+pub struct Service(pub Arc<Manager>);
+
+#[tonic::async_trait]
+impl v1::volume_admin_server::VolumeAdmin for Service {
+    async fn create_volume(
+        &self,
+        req: Request<v1::CreateVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let m = &self.0;
+        forward!(m, req, VolumeAdminClient, create_volume);
+        m.create_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<v1::GetVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let m = &self.0;
+        forward!(m, req, VolumeAdminClient, get_volume);
+        m.linearize().await?;
+        let v = m.find_volume(req.get_ref().volume.as_ref())?;
+        let allocated = m.allocated(v.id).await;
+        Ok(Response::new(volume_to_wire(&v, allocated)))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<v1::ListVolumesRequest>,
+    ) -> Result<Response<v1::ListVolumesResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, VolumeAdminClient, list_volumes);
+        m.linearize().await?;
+        let records: Vec<VolumeRecord> = m.state.read().volumes.values().cloned().collect();
+        // Allocation is the storage cluster's to tell; a volume it does not answer for shows 0.
+        let allocated: HashMap<u64, u64> = storage::list_volumes(&m.storage_addresses())
+            .await
+            .map(|vs| vs.into_iter().map(|v| (v.id, v.allocated_bytes)).collect())
+            .unwrap_or_default();
+        let volumes = records
+            .iter()
+            .map(|v| volume_to_wire(v, allocated.get(&v.id).copied().unwrap_or(0)))
+            .collect();
+        Ok(Response::new(v1::ListVolumesResponse { volumes }))
+    }
+
+    async fn resize_volume(
+        &self,
+        req: Request<v1::ResizeVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let m = &self.0;
+        forward!(m, req, VolumeAdminClient, resize_volume);
+        m.resize_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn update_volume(
+        &self,
+        req: Request<v1::UpdateVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let m = &self.0;
+        forward!(m, req, VolumeAdminClient, update_volume);
+        m.update_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<v1::DeleteVolumeRequest>,
+    ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, VolumeAdminClient, delete_volume);
+        m.delete_here(req.into_inner()).await?;
+        Ok(Response::new(v1::DeleteVolumeResponse {}))
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<v1::NodeStatusRequest>,
+    ) -> Result<Response<v1::NodeStatusResponse>, Status> {
+        Err(Status::unimplemented(
+            "this is a volume manager: ask a storage node for its status (tern node status \
+             --endpoint http://NODE:PORT), or the manager for the cluster's (tern cluster status)",
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::manager_server::Manager for Service {
+    async fn register_node(
+        &self,
+        req: Request<v1::RegisterNodeRequest>,
+    ) -> Result<Response<v1::StorageNode>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, register_node);
+        let r = req.into_inner();
+        if r.datacenter.is_empty() || r.address.is_empty() {
+            return Err(Status::invalid_argument(
+                "a node registers with an address and a datacenter",
+            ));
+        }
+        let cmd = Cmd::RegisterNode {
+            id: r.id,
+            address: r.address,
+            datacenter: r.datacenter,
+            now: now_secs(),
+        };
+        let Reply::Node(n) = m.propose(cmd).await? else {
+            return Err(Status::internal("unexpected reply to a registration"));
+        };
+        m.seen.lock().insert(
+            n.id,
+            Seen { at: Instant::now(), capacity: r.capacity_bytes, used: r.used_bytes },
+        );
+        tracing::info!(node = n.id, address = %n.address, datacenter = %n.datacenter, "storage node registered");
+        Ok(Response::new(m.node_to_wire(&n)))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatReply>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, heartbeat);
+        let r = req.into_inner();
+        let state = m.state.read().nodes.get(&r.node_id).map(|n| n.state);
+        let Some(state) = state else {
+            return Err(Status::not_found(format!("node {} is not registered", r.node_id)));
+        };
+        m.seen.lock().insert(
+            r.node_id,
+            Seen { at: Instant::now(), capacity: r.capacity_bytes, used: r.used_bytes },
+        );
+        let state = if state == NodeState::Down {
+            tracing::info!(node = r.node_id, "storage node is back up");
+            match m.propose(Cmd::SetNodeState { id: r.node_id, state: NodeState::Up }).await? {
+                Reply::Node(n) => n.state,
+                _ => state,
+            }
+        } else {
+            state
+        };
+        Ok(Response::new(v1::HeartbeatReply { state: node_state_to_wire(state) as i32 }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, list_nodes);
+        m.linearize().await?;
+        let nodes: Vec<NodeRecord> = m.state.read().nodes.values().cloned().collect();
+        Ok(Response::new(v1::ListNodesResponse {
+            nodes: nodes.iter().map(|n| m.node_to_wire(n)).collect(),
+        }))
+    }
+
+    async fn set_node_state(
+        &self,
+        req: Request<v1::SetNodeStateRequest>,
+    ) -> Result<Response<v1::StorageNode>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, set_node_state);
+        let r = req.into_inner();
+        let state = match v1::NodeState::try_from(r.state) {
+            Ok(v1::NodeState::Up) => NodeState::Up,
+            Ok(v1::NodeState::Draining) => NodeState::Draining,
+            Ok(v1::NodeState::Removed) => NodeState::Removed,
+            Ok(v1::NodeState::Down) => {
+                return Err(Status::invalid_argument(
+                    "DOWN is set by the manager when heartbeats stop, not by request",
+                ))
+            }
+            _ => return Err(Status::invalid_argument(format!("unknown node state {}", r.state))),
+        };
+        let Reply::Node(n) = m.propose(Cmd::SetNodeState { id: r.node_id, state }).await? else {
+            return Err(Status::internal("unexpected reply to a node state change"));
+        };
+        tracing::info!(node = n.id, state = ?n.state, "storage node state set");
+        Ok(Response::new(m.node_to_wire(&n)))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<v1::AttachRequest>,
+    ) -> Result<Response<v1::Attachment>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, attach);
+        let r = req.into_inner();
+        if r.host.is_empty() {
+            return Err(Status::invalid_argument("an attachment needs a host"));
+        }
+        m.linearize().await?;
+        let v = m.find_volume(r.volume.as_ref())?;
+        let cmd =
+            Cmd::Attach { volume_id: v.id, host: r.host, takeover: r.takeover, now: now_secs() };
+        let Reply::Attachment(a) = m.propose(cmd).await? else {
+            return Err(Status::internal("unexpected reply to an attach"));
+        };
+        tracing::info!(volume = %v.name, host = %a.host, generation = a.generation, "volume attached");
+        let st = m.state.read();
+        Ok(Response::new(attachment_to_wire(&a, &st)))
+    }
+
+    async fn detach(
+        &self,
+        req: Request<v1::DetachRequest>,
+    ) -> Result<Response<v1::DetachResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, detach);
+        let r = req.into_inner();
+        m.linearize().await?;
+        let v = m.find_volume(r.volume.as_ref())?;
+        m.propose(Cmd::Detach { volume_id: v.id, host: r.host }).await?;
+        Ok(Response::new(v1::DetachResponse {}))
+    }
+
+    async fn list_attachments(
+        &self,
+        req: Request<v1::ListAttachmentsRequest>,
+    ) -> Result<Response<v1::ListAttachmentsResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, list_attachments);
+        m.linearize().await?;
+        let st = m.state.read();
+        Ok(Response::new(v1::ListAttachmentsResponse {
+            attachments: st.attachments.values().map(|a| attachment_to_wire(a, &st)).collect(),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        req: Request<v1::ClusterStatusRequest>,
+    ) -> Result<Response<v1::ClusterStatusResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, cluster_status);
+        m.cluster_status_here().await.map(Response::new)
+    }
+}

@@ -1,0 +1,371 @@
+//! The manager's replicated state and the commands that change it.
+//!
+//! Pure and deterministic: every replica applies the same commands in the same order and gets
+//! the same state. Anything that depends on the clock or on other services (heartbeat ages,
+//! the storage cluster's answers) is decided by the leader *before* proposing, and the
+//! outcome travels in the command (e.g. `now`, `storage_id`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Up,
+    Down,
+    Draining,
+    Removed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    pub address: String,
+    pub datacenter: String,
+    pub state: NodeState,
+    pub registered_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Class {
+    Local,
+    Replicated,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The same id as the storage cluster's (one id space for frontends and nodes).
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub class: Class,
+    pub read_only: bool,
+    pub tenant: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub volume_id: u64,
+    pub host: String,
+    pub generation: u64,
+    pub attached_at: u64,
+}
+
+/// Everything the manager replicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    pub volumes: BTreeMap<u64, VolumeRecord>,
+    pub attachments: BTreeMap<u64, Attachment>,
+    /// The last fencing generation issued per volume (kept after a detach, so a generation is
+    /// never issued twice for a volume).
+    pub generations: BTreeMap<u64, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cmd {
+    RegisterNode { id: u64, address: String, datacenter: String, now: u64 },
+    SetNodeState { id: u64, state: NodeState },
+    CreateVolume(VolumeRecord),
+    UpdateVolume { id: u64, size: Option<u64>, read_only: Option<bool> },
+    DeleteVolume { id: u64 },
+    Attach { volume_id: u64, host: String, takeover: bool, now: u64 },
+    Detach { volume_id: u64, host: String },
+}
+
+/// What a command did, or why it was refused (the same on every replica).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    #[default]
+    Done,
+    Node(NodeRecord),
+    Volume(VolumeRecord),
+    Attachment(Attachment),
+    Refused(Refusal),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl From<Refusal> for tonic::Status {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NotFound(m) => tonic::Status::not_found(m),
+            Refusal::AlreadyExists(m) => tonic::Status::already_exists(m),
+            Refusal::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            Refusal::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+        }
+    }
+}
+
+impl State {
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+
+    pub fn apply(&mut self, cmd: Cmd) -> Reply {
+        match self.try_apply(cmd) {
+            Ok(r) => r,
+            Err(e) => Reply::Refused(e),
+        }
+    }
+
+    fn try_apply(&mut self, cmd: Cmd) -> Result<Reply, Refusal> {
+        match cmd {
+            Cmd::RegisterNode { id, address, datacenter, now } => {
+                if id == 0 {
+                    return Err(Refusal::InvalidArgument("node id 0 is reserved".into()));
+                }
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    if n.state == NodeState::Removed {
+                        return Err(Refusal::FailedPrecondition(format!(
+                            "node {id} was removed; a new node needs a new id"
+                        )));
+                    }
+                    if n.datacenter != datacenter {
+                        return Err(Refusal::FailedPrecondition(format!(
+                            "node {id} is registered in datacenter {:?}, not {datacenter:?}",
+                            n.datacenter
+                        )));
+                    }
+                    n.address = address;
+                    if n.state == NodeState::Down {
+                        n.state = NodeState::Up;
+                    }
+                    return Ok(Reply::Node(n.clone()));
+                }
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.address == address && n.state != NodeState::Removed)
+                {
+                    return Err(Refusal::AlreadyExists(format!(
+                        "address {address} belongs to node {}",
+                        other.id
+                    )));
+                }
+                let n = NodeRecord {
+                    id,
+                    address,
+                    datacenter,
+                    state: NodeState::Up,
+                    registered_at: now,
+                };
+                self.nodes.insert(id, n.clone());
+                Ok(Reply::Node(n))
+            }
+            Cmd::SetNodeState { id, state } => {
+                let n = self
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no storage node {id}")))?;
+                if n.state == NodeState::Removed && state != NodeState::Removed {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "node {id} was removed for good"
+                    )));
+                }
+                // Down <-> Up follow heartbeats; an operator's Draining sticks through both.
+                match (n.state, state) {
+                    (NodeState::Draining, NodeState::Down) => {}
+                    _ => n.state = state,
+                }
+                Ok(Reply::Node(n.clone()))
+            }
+            Cmd::CreateVolume(v) => {
+                if let Some(old) = self.volume_by_name(&v.name) {
+                    if old.id == v.id {
+                        return Ok(Reply::Volume(old.clone()));
+                    }
+                    return Err(Refusal::AlreadyExists(format!(
+                        "volume {:?} already exists",
+                        v.name
+                    )));
+                }
+                if self.volumes.contains_key(&v.id) {
+                    return Err(Refusal::AlreadyExists(format!("volume id {} is taken", v.id)));
+                }
+                self.volumes.insert(v.id, v.clone());
+                Ok(Reply::Volume(v))
+            }
+            Cmd::UpdateVolume { id, size, read_only } => {
+                let v = self
+                    .volumes
+                    .get_mut(&id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no volume with id {id}")))?;
+                if let Some(s) = size {
+                    v.size = s;
+                }
+                if let Some(r) = read_only {
+                    v.read_only = r;
+                }
+                Ok(Reply::Volume(v.clone()))
+            }
+            Cmd::DeleteVolume { id } => {
+                if let Some(a) = self.attachments.get(&id) {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "volume {id} is attached to host {:?}; detach it first",
+                        a.host
+                    )));
+                }
+                self.volumes.remove(&id);
+                Ok(Reply::Done)
+            }
+            Cmd::Attach { volume_id, host, takeover, now } => {
+                let v = self
+                    .volumes
+                    .get(&volume_id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no volume with id {volume_id}")))?;
+                if let Some(a) = self.attachments.get(&volume_id) {
+                    if a.host == host {
+                        return Ok(Reply::Attachment(a.clone()));
+                    }
+                    if !takeover {
+                        return Err(Refusal::FailedPrecondition(format!(
+                            "volume {:?} is attached to host {:?} (generation {}); take it \
+                             over to move it",
+                            v.name, a.host, a.generation
+                        )));
+                    }
+                }
+                let generation = self.generations.get(&volume_id).copied().unwrap_or(0) + 1;
+                self.generations.insert(volume_id, generation);
+                let a = Attachment { volume_id, host, generation, attached_at: now };
+                self.attachments.insert(volume_id, a.clone());
+                Ok(Reply::Attachment(a))
+            }
+            Cmd::Detach { volume_id, host } => match self.attachments.get(&volume_id) {
+                None => Ok(Reply::Done),
+                Some(a) if a.host == host => {
+                    self.attachments.remove(&volume_id);
+                    Ok(Reply::Done)
+                }
+                Some(a) => Err(Refusal::FailedPrecondition(format!(
+                    "volume {volume_id} is attached to host {:?}, not {host:?}",
+                    a.host
+                ))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(id: u64, name: &str) -> VolumeRecord {
+        VolumeRecord {
+            id,
+            name: name.into(),
+            size: 1 << 30,
+            class: Class::Replicated,
+            read_only: false,
+            tenant: String::new(),
+            labels: BTreeMap::new(),
+            created_at: 1,
+        }
+    }
+
+    fn reg(id: u64, address: &str, dc: &str) -> Cmd {
+        Cmd::RegisterNode { id, address: address.into(), datacenter: dc.into(), now: 7 }
+    }
+
+    #[test]
+    fn nodes_register_once_per_id_and_keep_their_datacenter() {
+        let mut s = State::default();
+        assert!(matches!(s.apply(reg(1, "a:1", "dc1")), Reply::Node(_)));
+        // Re-registering (a restart) may change the address, not the datacenter.
+        assert!(matches!(s.apply(reg(1, "a:2", "dc1")), Reply::Node(n) if n.address == "a:2"));
+        assert!(matches!(
+            s.apply(reg(1, "a:2", "dc2")),
+            Reply::Refused(Refusal::FailedPrecondition(_))
+        ));
+        assert!(matches!(s.apply(reg(2, "a:2", "dc2")), Reply::Refused(Refusal::AlreadyExists(_))));
+        assert!(matches!(s.apply(reg(0, "b:1", "dc2")), Reply::Refused(_)));
+        // Down comes back up on registration; removed never does.
+        s.apply(Cmd::SetNodeState { id: 1, state: NodeState::Down });
+        assert!(
+            matches!(s.apply(reg(1, "a:2", "dc1")), Reply::Node(n) if n.state == NodeState::Up)
+        );
+        s.apply(Cmd::SetNodeState { id: 1, state: NodeState::Removed });
+        assert!(matches!(s.apply(reg(1, "a:2", "dc1")), Reply::Refused(_)));
+        assert!(matches!(
+            s.apply(Cmd::SetNodeState { id: 1, state: NodeState::Up }),
+            Reply::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn draining_survives_down_and_up() {
+        let mut s = State::default();
+        s.apply(reg(1, "a:1", "dc1"));
+        s.apply(Cmd::SetNodeState { id: 1, state: NodeState::Draining });
+        s.apply(Cmd::SetNodeState { id: 1, state: NodeState::Down });
+        assert_eq!(s.nodes[&1].state, NodeState::Draining);
+    }
+
+    #[test]
+    fn attachments_are_exclusive_with_growing_generations() {
+        let mut s = State::default();
+        s.apply(Cmd::CreateVolume(vol(5, "v")));
+        let attach = |host: &str, takeover| Cmd::Attach {
+            volume_id: 5,
+            host: host.into(),
+            takeover,
+            now: 9,
+        };
+        let Reply::Attachment(a) = s.apply(attach("h1", false)) else { panic!() };
+        assert_eq!(a.generation, 1);
+        // Idempotent for the same host.
+        assert_eq!(s.apply(attach("h1", false)), Reply::Attachment(a.clone()));
+        // Another host is refused, unless it takes over (a new generation).
+        assert!(matches!(
+            s.apply(attach("h2", false)),
+            Reply::Refused(Refusal::FailedPrecondition(_))
+        ));
+        let Reply::Attachment(b) = s.apply(attach("h2", true)) else { panic!() };
+        assert_eq!((b.host.as_str(), b.generation), ("h2", 2));
+        // The old host can no longer detach it; the new one can; generations never repeat.
+        assert!(matches!(
+            s.apply(Cmd::Detach { volume_id: 5, host: "h1".into() }),
+            Reply::Refused(_)
+        ));
+        assert_eq!(s.apply(Cmd::Detach { volume_id: 5, host: "h2".into() }), Reply::Done);
+        assert_eq!(s.apply(Cmd::Detach { volume_id: 5, host: "h2".into() }), Reply::Done);
+        let Reply::Attachment(c) = s.apply(attach("h1", false)) else { panic!() };
+        assert_eq!(c.generation, 3);
+        // An attached volume is not deleted.
+        assert!(matches!(s.apply(Cmd::DeleteVolume { id: 5 }), Reply::Refused(_)));
+        assert!(matches!(
+            s.apply(Cmd::Attach { volume_id: 6, host: "h".into(), takeover: false, now: 1 }),
+            Reply::Refused(Refusal::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn volume_names_are_unique_and_creation_is_idempotent() {
+        let mut s = State::default();
+        assert!(matches!(s.apply(Cmd::CreateVolume(vol(1, "a"))), Reply::Volume(_)));
+        assert!(matches!(s.apply(Cmd::CreateVolume(vol(1, "a"))), Reply::Volume(_)));
+        assert!(matches!(
+            s.apply(Cmd::CreateVolume(vol(2, "a"))),
+            Reply::Refused(Refusal::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.apply(Cmd::UpdateVolume { id: 1, size: Some(2 << 30), read_only: None }),
+            Reply::Volume(v) if v.size == 2 << 30
+        ));
+        assert_eq!(s.apply(Cmd::DeleteVolume { id: 1 }), Reply::Done);
+        assert!(s.volume_by_name("a").is_none());
+    }
+}

@@ -1,0 +1,130 @@
+//! The manager's client of the storage cluster: volume records are created, resized and
+//! deleted on the storage nodes (their meta group) through `VolumeAdmin`, at any registered
+//! node that is up (a node forwards to its meta group's leader).
+
+use std::time::Duration;
+
+use tern_proto::v1::{self, cluster_client::ClusterClient, volume_admin_client::VolumeAdminClient};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Each storage node gets this long to answer before the next one is tried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn channel(address: &str) -> Result<Channel, Status> {
+    Ok(Channel::from_shared(format!("http://{address}"))
+        .map_err(|e| Status::internal(format!("storage node address {address:?}: {e}")))?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(CALL_TIMEOUT)
+        .connect_lazy())
+}
+
+/// Tries `call` on each address in turn until one answers with anything but `Unavailable`
+/// (or a transport failure, which tonic reports as `Unavailable` too).
+pub async fn first_answer<T, F, Fut>(addresses: &[String], mut call: F) -> Result<T, Status>
+where
+    F: FnMut(Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    if addresses.is_empty() {
+        return Err(Status::unavailable(
+            "no storage node is registered and up: start storage nodes with --manager",
+        ));
+    }
+    let mut last = None;
+    for a in addresses {
+        match call(channel(a)?).await {
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                last = Some(Status::unavailable(format!("storage node {a}: {}", s.message())));
+            }
+            other => return other,
+        }
+    }
+    Err(last.expect("at least one address was tried"))
+}
+
+pub async fn create_volume(
+    addresses: &[String],
+    req: v1::CreateVolumeRequest,
+) -> Result<v1::Volume, Status> {
+    first_answer(addresses, |ch| {
+        let req = req.clone();
+        async move { Ok(VolumeAdminClient::new(ch).create_volume(req).await?.into_inner()) }
+    })
+    .await
+}
+
+pub async fn get_volume(addresses: &[String], r: v1::VolumeRef) -> Result<v1::Volume, Status> {
+    first_answer(addresses, |ch| {
+        let req = v1::GetVolumeRequest { volume: Some(r.clone()) };
+        async move { Ok(VolumeAdminClient::new(ch).get_volume(req).await?.into_inner()) }
+    })
+    .await
+}
+
+pub async fn list_volumes(addresses: &[String]) -> Result<Vec<v1::Volume>, Status> {
+    first_answer(addresses, |ch| async move {
+        Ok(VolumeAdminClient::new(ch)
+            .list_volumes(v1::ListVolumesRequest {})
+            .await?
+            .into_inner()
+            .volumes)
+    })
+    .await
+}
+
+pub async fn resize_volume(
+    addresses: &[String],
+    req: v1::ResizeVolumeRequest,
+) -> Result<v1::Volume, Status> {
+    first_answer(addresses, |ch| {
+        let req = req.clone();
+        async move { Ok(VolumeAdminClient::new(ch).resize_volume(req).await?.into_inner()) }
+    })
+    .await
+}
+
+pub async fn update_volume(
+    addresses: &[String],
+    req: v1::UpdateVolumeRequest,
+) -> Result<v1::Volume, Status> {
+    first_answer(addresses, |ch| {
+        let req = req.clone();
+        async move { Ok(VolumeAdminClient::new(ch).update_volume(req).await?.into_inner()) }
+    })
+    .await
+}
+
+pub async fn delete_volume(addresses: &[String], id: u64) -> Result<(), Status> {
+    first_answer(addresses, |ch| async move {
+        let req = v1::DeleteVolumeRequest {
+            volume: Some(v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(id)) }),
+        };
+        VolumeAdminClient::new(ch).delete_volume(req).await?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn cluster_map(addresses: &[String]) -> Result<v1::ClusterMap, Status> {
+    first_answer(addresses, |ch| async move {
+        Ok(ClusterClient::new(ch).get_cluster_map(v1::GetClusterMapRequest {}).await?.into_inner())
+    })
+    .await
+}
+
+/// Groups being moved by a replacement some node drives, summed over `addresses`.
+pub async fn groups_rebuilding(addresses: &[String]) -> u32 {
+    let mut n = 0;
+    for a in addresses {
+        let Ok(ch) = channel(a) else { continue };
+        let mut c = ClusterClient::new(ch);
+        if let Ok(r) = c.get_replacement(v1::GetReplacementRequest {}).await {
+            let r = r.into_inner();
+            if r.active && !r.finished {
+                n += r.groups_total.saturating_sub(r.groups_done);
+            }
+        }
+    }
+    n
+}
