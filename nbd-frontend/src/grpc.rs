@@ -68,6 +68,7 @@ use self::cluster::Cluster;
 use self::node::Node;
 use self::parts::{chunk_parts, first_part, Part};
 use crate::backend::{Backend, BackendError, ExportInfo, Extent};
+use crate::metrics::BackendMetrics;
 
 /// The storage nodes, reached over gRPC. Cheap to clone: clones share the connections and
 /// what is known of the cluster.
@@ -79,8 +80,14 @@ pub struct GrpcBackend {
 struct Inner {
     /// The configured endpoints, in order.
     seeds: Vec<Arc<Node>>,
+    /// With a volume manager: exports are attached to this host before they are served.
+    attacher: Option<Attacher>,
+    /// The attachment generation of each volume attached here (sent with every write).
+    generations: parking_lot::RwLock<std::collections::HashMap<u64, u64>>,
     /// Settled by the first cluster map (or its absence), for the life of the process.
     mode: OnceCell<Mode>,
+    /// Retries and redirects of a cluster's requests.
+    metrics: BackendMetrics,
 }
 
 enum Mode {
@@ -97,11 +104,48 @@ impl GrpcBackend {
     /// several separated by commas, asked in order for the cluster map. The frontend starts
     /// even when no storage node is up yet; requests fail with EIO until one is.
     pub fn connect_lazy(endpoints: &str) -> Result<Self, tonic::transport::Error> {
+        Self::build(endpoints, None)
+    }
+
+    /// As [`Self::connect_lazy`], and attaches every export through the volume manager at
+    /// `managers` (comma-separated gRPC endpoints, any replica) as host `host` before serving
+    /// it, sending the attachment's generation with every write: once another host takes the
+    /// volume over, the storage nodes refuse this host's writes (EPERM to the NBD client).
+    pub fn connect_lazy_attaching(
+        endpoints: &str,
+        managers: &str,
+        host: &str,
+    ) -> Result<Self, tonic::transport::Error> {
+        let endpoints_of_managers = managers.split(',').map(|e| e.trim().to_string()).collect();
+        Self::build(
+            endpoints,
+            Some(Attacher { endpoints: endpoints_of_managers, host: host.into() }),
+        )
+    }
+
+    fn build(endpoints: &str, attacher: Option<Attacher>) -> Result<Self, tonic::transport::Error> {
         let seeds = endpoints
             .split(',')
             .map(|e| Node::seed(e.trim()).map(Arc::new))
             .collect::<Result<_, _>>()?;
-        Ok(Self { inner: Arc::new(Inner { seeds, mode: OnceCell::new() }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                seeds,
+                attacher,
+                generations: Default::default(),
+                mode: OnceCell::new(),
+                metrics: BackendMetrics::default(),
+            }),
+        })
+    }
+
+    /// Registers the backend's counters (retries, redirects) in `registry`, once.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        self.inner.metrics.register(registry)
+    }
+
+    fn generation(&self, volume_id: u64) -> u64 {
+        self.inner.generations.read().get(&volume_id).copied().unwrap_or(0)
     }
 
     /// How requests are routed, once known: the hot path's one check.
@@ -127,6 +171,7 @@ impl GrpcBackend {
                 Ok(map) if map.groups == 0 => return Ok(single(seed)),
                 Ok(map) => match Cluster::new(map, self.inner.seeds.clone()) {
                     Ok(c) => {
+                        let c = c.with_metrics(self.inner.metrics.clone());
                         info!(
                             "storage cluster: {} members, {} chunk groups (map from {})",
                             c.members(),
@@ -146,6 +191,38 @@ impl GrpcBackend {
         }
         let why = format!("no storage node answered: {}", failures.join("; "));
         Err(map_status(tonic::Status::new(code, why)))
+    }
+}
+
+/// The volume manager client of a frontend that attaches its exports.
+struct Attacher {
+    endpoints: Vec<String>,
+    host: String,
+}
+
+impl Attacher {
+    /// Attaches `name` to this host (never taking it from another host: that is the
+    /// operator's or the VM layer's decision, `tern volume attach --takeover`).
+    async fn attach(&self, name: &str) -> Result<v1::Attachment, tonic::Status> {
+        let mut last = tonic::Status::unavailable("no volume manager endpoint");
+        for e in &self.endpoints {
+            let uri = if e.contains("://") { e.clone() } else { format!("http://{e}") };
+            let ch = match tonic::transport::Endpoint::from_shared(uri) {
+                Ok(ep) => ep.connect_timeout(std::time::Duration::from_secs(1)).connect_lazy(),
+                Err(err) => return Err(tonic::Status::invalid_argument(err.to_string())),
+            };
+            let req = v1::AttachRequest {
+                volume: Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Name(name.into())) }),
+                host: self.host.clone(),
+                takeover: false,
+            };
+            match v1::manager_client::ManagerClient::new(ch).attach(req).await {
+                Ok(a) => return Ok(a.into_inner()),
+                Err(s) if is_transient(s.code()) => last = s,
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
     }
 }
 
@@ -189,21 +266,30 @@ fn unexpected(what: &str) -> BackendError {
     BackendError::Io(format!("storage node sent an unexpected reply to {what}"))
 }
 
-fn header(volume_id: u64) -> Option<v1::IoHeader> {
-    Some(v1::IoHeader { volume_id, epoch: 0, generation: 0 })
+/// The header of a request; `generation` is the attachment's (0 without a manager), checked
+/// by the storage nodes on everything that changes data.
+fn header(volume_id: u64, generation: u64) -> Option<v1::IoHeader> {
+    Some(v1::IoHeader { volume_id, epoch: 0, generation })
 }
 
 fn read_op(volume_id: u64, offset: u64, length: u32) -> Op {
-    Op::Read(v1::ReadRequest { header: header(volume_id), offset, length })
+    Op::Read(v1::ReadRequest { header: header(volume_id, 0), offset, length })
 }
 
-fn write_op(volume_id: u64, offset: u64, data: Bytes, fua: bool) -> Op {
-    Op::Write(v1::WriteRequest { header: header(volume_id), offset, data, fua })
+fn write_op(volume_id: u64, gen: u64, offset: u64, data: Bytes, fua: bool) -> Op {
+    Op::Write(v1::WriteRequest { header: header(volume_id, gen), offset, data, fua })
 }
 
-fn write_zeroes_op(volume_id: u64, offset: u64, length: u64, punch_hole: bool, fua: bool) -> Op {
+fn write_zeroes_op(
+    volume_id: u64,
+    gen: u64,
+    offset: u64,
+    length: u64,
+    punch_hole: bool,
+    fua: bool,
+) -> Op {
     Op::WriteZeroes(v1::WriteZeroesRequest {
-        header: header(volume_id),
+        header: header(volume_id, gen),
         offset,
         length,
         punch_hole,
@@ -211,17 +297,17 @@ fn write_zeroes_op(volume_id: u64, offset: u64, length: u64, punch_hole: bool, f
     })
 }
 
-fn trim_op(volume_id: u64, offset: u64, length: u64, fua: bool) -> Op {
-    Op::Trim(v1::TrimRequest { header: header(volume_id), offset, length, fua })
+fn trim_op(volume_id: u64, gen: u64, offset: u64, length: u64, fua: bool) -> Op {
+    Op::Trim(v1::TrimRequest { header: header(volume_id, gen), offset, length, fua })
 }
 
 /// A flush of `group` (in a cluster; `None` for a single node).
 fn flush_op(volume_id: u64, group: Option<u32>) -> Op {
-    Op::Flush(v1::FlushRequest { header: header(volume_id), group })
+    Op::Flush(v1::FlushRequest { header: header(volume_id, 0), group })
 }
 
 fn block_status_op(volume_id: u64, offset: u64, length: u64) -> Op {
-    Op::BlockStatus(v1::BlockStatusRequest { header: header(volume_id), offset, length })
+    Op::BlockStatus(v1::BlockStatusRequest { header: header(volume_id, 0), offset, length })
 }
 
 /// The data of a read reply, which must be `len` bytes long.
@@ -294,6 +380,17 @@ impl Backend for GrpcBackend {
         };
         match got {
             Ok(v) => {
+                if let Some(att) = &self.inner.attacher {
+                    let a = att.attach(name).await.map_err(|s| match s.code() {
+                        Code::FailedPrecondition => BackendError::Unavailable(format!(
+                            "volume {name} is attached to another host: {}",
+                            s.message()
+                        )),
+                        _ => map_status(s),
+                    })?;
+                    info!(volume = %name, host = %att.host, generation = a.generation, "attached");
+                    self.inner.generations.write().insert(v.id, a.generation);
+                }
                 if let Mode::Cluster(c) = mode {
                     c.remember_size(v.id, v.size_bytes);
                 }
@@ -354,12 +451,14 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let gen = self.generation(volume_id);
         match mode {
             Mode::Single(node) => {
-                call_single(node, write_op(volume_id, offset, data, fua)).await.map(drop)
+                call_single(node, write_op(volume_id, gen, offset, data, fua)).await.map(drop)
             }
             Mode::Cluster(c) => {
-                let op = |p: Part| write_op(volume_id, p.offset, data.slice(p.within(offset)), fua);
+                let op =
+                    |p: Part| write_op(volume_id, gen, p.offset, data.slice(p.within(offset)), fua);
                 Box::pin(c.scatter(volume_id, offset, data.len() as u64, op)).await.map(drop)
             }
         }
@@ -377,13 +476,15 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let gen = self.generation(volume_id);
         match mode {
             Mode::Single(node) => {
-                let op = write_zeroes_op(volume_id, offset, len, punch_hole, fua);
+                let op = write_zeroes_op(volume_id, gen, offset, len, punch_hole, fua);
                 call_single(node, op).await.map(drop)
             }
             Mode::Cluster(c) => {
-                let op = |p: Part| write_zeroes_op(volume_id, p.offset, p.len, punch_hole, fua);
+                let op =
+                    |p: Part| write_zeroes_op(volume_id, gen, p.offset, p.len, punch_hole, fua);
                 Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
             }
         }
@@ -400,12 +501,13 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let gen = self.generation(volume_id);
         match mode {
             Mode::Single(node) => {
-                call_single(node, trim_op(volume_id, offset, len, fua)).await.map(drop)
+                call_single(node, trim_op(volume_id, gen, offset, len, fua)).await.map(drop)
             }
             Mode::Cluster(c) => {
-                let op = |p: Part| trim_op(volume_id, p.offset, p.len, fua);
+                let op = |p: Part| trim_op(volume_id, gen, p.offset, p.len, fua);
                 Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
             }
         }

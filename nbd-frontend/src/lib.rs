@@ -5,14 +5,17 @@
 //! Code map: [`codec`] is the wire format as pure functions (fuzzed and property-tested);
 //! [`server`] accepts connections and runs each through `handshake` (option haggling) and
 //! `transmission` (the request loop, the hot path) against a [`backend::Backend`], which is
-//! [`grpc::GrpcBackend`] in production and `MemBackend` in tests.
+//! [`grpc::GrpcBackend`] in production and `MemBackend` in tests. [`metrics`] counts
+//! connections and requests for `/metrics`.
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod codec;
 pub mod grpc;
 mod handshake;
+pub mod metrics;
 pub mod server;
 mod transmission;
 
+pub use metrics::Metrics;
 pub use server::{serve, ServerOptions};

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use tern_nbd_frontend::grpc::GrpcBackend;
-use tern_nbd_frontend::{serve, ServerOptions};
+use tern_nbd_frontend::{serve, Metrics, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
@@ -21,9 +21,20 @@ struct Args {
     /// cluster are learned from it; more are tried in order when the first is down.
     #[arg(long, env = "TERN_STORAGE", default_value = "http://127.0.0.1:7700")]
     storage: String,
+    /// Volume manager replicas (gRPC endpoints, comma-separated): when given, every export is
+    /// attached to this host (--host) through the manager before it is served, and writes
+    /// carry the attachment's fencing generation.
+    #[arg(long, env = "TERN_MANAGER")]
+    manager: Option<String>,
+    /// This hypervisor host's name for attachments (default: the system hostname).
+    #[arg(long, env = "TERN_HOST")]
+    host: Option<String>,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "TERN_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (none without it).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,14 +48,34 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     tern_common::init_logging();
-    let backend = GrpcBackend::connect_lazy(&args.storage)
-        .with_context(|| format!("invalid storage endpoint in {:?}", args.storage))?;
+    let backend = match &args.manager {
+        None => GrpcBackend::connect_lazy(&args.storage),
+        Some(managers) => {
+            let host = match &args.host {
+                Some(h) => h.clone(),
+                None => std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .context("--host not given and /etc/hostname unreadable")?,
+            };
+            anyhow::ensure!(!host.is_empty(), "--host must not be empty");
+            info!(%host, %managers, "attaching exports through the volume manager");
+            GrpcBackend::connect_lazy_attaching(&args.storage, managers, &host)
+        }
+    }
+    .with_context(|| format!("invalid storage endpoint in {:?}", args.storage))?;
+    let metrics = Metrics::new();
+    backend.register_metrics(metrics.registry()).context("registering the backend's metrics")?;
+    if let Some(addr) = args.metrics_listen {
+        tern_common::metrics::spawn(addr, metrics.registry().clone())
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    }
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     info!(storage = %args.storage, "listening on {}", listener.local_addr()?);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
-        result = serve(listener, backend, ServerOptions::default()) => {
+        result = serve(listener, backend, ServerOptions { metrics, ..ServerOptions::default() }) => {
             result.context("serving NBD")?;
         }
         _ = term.recv() => info!("SIGTERM received, exiting"),

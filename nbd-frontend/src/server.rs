@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 use crate::backend::{Backend, BackendError};
 use crate::codec::CodecError;
 use crate::handshake::{self, Negotiated};
+use crate::metrics::Metrics;
 use crate::transmission;
 
 /// Tunables of the server. `Default` gives the production values.
@@ -29,11 +30,13 @@ pub struct ServerOptions {
     /// READ and WRITE payload bytes one connection holds in memory at once, the same kind of
     /// backpressure for large requests. Never less than one maximal request (32 MiB).
     pub max_in_flight_bytes: usize,
+    /// Where connections and requests are counted (the default: a registry nobody serves).
+    pub metrics: Metrics,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { max_in_flight: 128, max_in_flight_bytes: 256 << 20 }
+        Self { max_in_flight: 128, max_in_flight_bytes: 256 << 20, metrics: Metrics::default() }
     }
 }
 
@@ -43,6 +46,7 @@ impl ServerOptions {
         Self {
             max_in_flight: self.max_in_flight.max(1),
             max_in_flight_bytes: self.max_in_flight_bytes.max(MAX_IO_SIZE as usize),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -120,6 +124,7 @@ async fn connection<B: Backend>(
     opts: ServerOptions,
 ) {
     debug!(%peer, "NBD connection accepted");
+    let _open = opts.metrics.connection();
     match run_connection(stream, &backend, &opts).await {
         Ok(()) => debug!(%peer, "NBD connection closed"),
         Err(e) if e.is_disconnect() => debug!(%peer, error = %e, "NBD client went away"),
@@ -155,7 +160,8 @@ mod tests {
 
     #[test]
     fn options_floors() {
-        let o = ServerOptions { max_in_flight: 0, max_in_flight_bytes: 0 }.normalized();
+        let o = ServerOptions { max_in_flight: 0, max_in_flight_bytes: 0, ..Default::default() }
+            .normalized();
         assert_eq!(o.max_in_flight, 1);
         assert_eq!(o.max_in_flight_bytes, 32 << 20);
         let d = ServerOptions::default().normalized();

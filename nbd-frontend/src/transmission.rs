@@ -18,6 +18,7 @@
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -29,6 +30,7 @@ use tracing::{debug, warn};
 use crate::backend::{Backend, BackendError, Extent};
 use crate::codec::*;
 use crate::handshake::{Session, MIN_BLOCK_SIZE};
+use crate::metrics::{OpKind, VolumeMetrics};
 use crate::server::{ConnectionError, ServerOptions};
 
 /// Socket buffer sizes of the reader and the writer: several small requests per syscall.
@@ -58,6 +60,20 @@ enum Op {
     Trim { offset: u64, len: u32, fua: bool },
     WriteZeroes { offset: u64, len: u32, punch_hole: bool, fua: bool },
     BlockStatus { offset: u64, len: u32, req_one: bool, context_id: u32 },
+}
+
+impl Op {
+    /// The operation and payload bytes it is counted as (metrics).
+    fn counted_as(&self) -> (OpKind, u64) {
+        match self {
+            Op::Read { len, .. } => (OpKind::Read, u64::from(*len)),
+            Op::Write { data, .. } => (OpKind::Write, data.len() as u64),
+            Op::Flush => (OpKind::Flush, 0),
+            Op::Trim { .. } => (OpKind::Trim, 0),
+            Op::WriteZeroes { .. } => (OpKind::WriteZeroes, 0),
+            Op::BlockStatus { .. } => (OpKind::BlockStatus, 0),
+        }
+    }
 }
 
 /// A request refused before reaching the backend.
@@ -319,11 +335,13 @@ where
     B: Backend,
 {
     let session = Arc::new(session);
+    // Resolved once per connection: requests count on these handles.
+    let counters = opts.metrics.volume(&session.export.name);
     let credit = Credit::new(opts);
     // Every message in the channel holds a request slot, so it never holds more than this.
     let (tx, rx) = mpsc::channel(opts.normalized().max_in_flight);
     let writer = tokio::spawn(write_replies(writer, rx));
-    let result = read_requests(reader, &backend, &session, &credit, &tx).await;
+    let result = read_requests(reader, &backend, &session, &counters, &credit, &tx).await;
     drop(tx);
     match result {
         Ok(()) => match writer.await {
@@ -343,6 +361,7 @@ async fn read_requests<R, B>(
     reader: R,
     backend: &B,
     session: &Arc<Session>,
+    counters: &Arc<VolumeMetrics>,
     credit: &Credit,
     tx: &mpsc::Sender<Reply>,
 ) -> Result<(), ConnectionError>
@@ -375,6 +394,7 @@ where
         } else {
             Bytes::new()
         };
+        let arrived = Instant::now();
         match validate(&req, data, session) {
             Ok(op) => {
                 tokio::spawn(execute(
@@ -384,11 +404,15 @@ where
                     op,
                     permit,
                     tx.clone(),
+                    (counters.clone(), arrived),
                 ));
             }
             Err(rejection) => {
                 let (errno, reason) = (rejection.errno, &rejection.message);
                 debug!(?req, errno, %reason, "NBD request refused");
+                if let Some(kind) = OpKind::of(req.command) {
+                    counters.done(kind, false, 0, arrived.elapsed());
+                }
                 if tx
                     .send(error_reply(session.structured, req.cookie, rejection, permit))
                     .await
@@ -416,7 +440,8 @@ async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> io
 }
 
 /// Runs one request through the backend and queues its reply. A panic in the backend
-/// becomes EIO for this request only.
+/// becomes EIO for this request only. `counters` count its outcome and its time since it
+/// `arrived`.
 async fn execute<B: Backend>(
     backend: B,
     session: Arc<Session>,
@@ -424,8 +449,10 @@ async fn execute<B: Backend>(
     op: Op,
     permit: Permit,
     tx: mpsc::Sender<Reply>,
+    (counters, arrived): (Arc<VolumeMetrics>, Instant),
 ) {
     let volume = session.export.volume_id;
+    let (kind, bytes) = op.counted_as();
     let outcome = match AssertUnwindSafe(perform(&backend, volume, op)).catch_unwind().await {
         Ok(outcome) => outcome,
         Err(_) => {
@@ -433,6 +460,7 @@ async fn execute<B: Backend>(
             Err(BackendError::Io("internal error".into()))
         }
     };
+    counters.done(kind, outcome.is_ok(), bytes, arrived.elapsed());
     let reply = match outcome {
         Ok(success) => success_reply(session.structured, cookie, success, permit),
         Err(e) => {

@@ -170,6 +170,20 @@ impl Cluster for Fake {
     ) -> Result<Response<v1::ChangeReplicaReply>, Status> {
         unimplemented()
     }
+
+    async fn fence_volume(
+        &self,
+        _: Request<v1::FenceVolumeRequest>,
+    ) -> Result<Response<v1::FenceVolumeReply>, Status> {
+        unimplemented()
+    }
+
+    async fn fence_group(
+        &self,
+        _: Request<v1::FenceGroupRequest>,
+    ) -> Result<Response<v1::FenceVolumeReply>, Status> {
+        unimplemented()
+    }
 }
 
 type IoStream =

@@ -24,6 +24,8 @@ pub const PREFIX_VOLUME_NAME: u8 = 0x02;
 pub const PREFIX_BLOCK: u8 = 0x03;
 pub const PREFIX_RAFT_LOG: u8 = 0x10;
 pub const PREFIX_RAFT_STATE: u8 = 0x11;
+/// `0x12 | group | volume` -> the volume's fencing generation in that chunk group.
+pub const PREFIX_FENCE: u8 = 0x12;
 
 /// The fields of a Raft group's persistent state (`0x11` keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +190,37 @@ pub fn raft_state_key(group: u32, field: RaftField) -> [u8; 6] {
     k[1..5].copy_from_slice(&group.to_be_bytes());
     k[5] = field as u8;
     k
+}
+
+pub fn fence_key(group: u32, volume: u64) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = PREFIX_FENCE;
+    k[1..5].copy_from_slice(&group.to_be_bytes());
+    k[5..13].copy_from_slice(&volume.to_be_bytes());
+    k
+}
+
+/// The fence keys of `group`: `[start, end)`.
+pub fn fence_range(group: u32) -> ([u8; 5], [u8; 5]) {
+    let mut s = [0u8; 5];
+    s[0] = PREFIX_FENCE;
+    s[1..5].copy_from_slice(&group.to_be_bytes());
+    let mut e = s;
+    match group.checked_add(1) {
+        Some(g) => e[1..5].copy_from_slice(&g.to_be_bytes()),
+        None => {
+            e = [PREFIX_FENCE + 1, 0, 0, 0, 0];
+        }
+    }
+    (s, e)
+}
+
+/// The volume of a fence key.
+pub fn parse_fence_key(k: &[u8]) -> Option<u64> {
+    if k.len() != 13 || k[0] != PREFIX_FENCE {
+        return None;
+    }
+    Some(u64::from_be_bytes(k[5..13].try_into().ok()?))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! through an [`engine::IoEngine`] (io_uring, or its synchronous twin), and a block map in
 //! RocksDB ([`meta`], key layout in [`keys`]) that says, per block, which slot holds it and its
 //! crc32c. [`store::ChunkStore`] implements the data path; [`service`] exposes it as the
-//! `BlockIo` and `VolumeAdmin` gRPC services.
+//! `BlockIo` and `VolumeAdmin` gRPC services; [`metrics`] says how it goes, at `/metrics`.
 
 pub mod aligned;
 pub mod chunk;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod manager_link;
 pub mod meta;
+pub mod metrics;
 pub mod replication;
 pub mod service;
 pub mod store;
@@ -27,19 +28,28 @@ use tern_proto::v1::{
     raft_transport_server::RaftTransportServer, volume_admin_server::VolumeAdminServer,
 };
 
-/// Serves the node's gRPC services on `addr` until `shutdown` resolves.
+/// Serves the node's gRPC services on `addr` until `shutdown` resolves, and its metrics at
+/// `http://<metrics_addr>/metrics` if given.
 pub async fn serve(
     store: Arc<store::ChunkStore>,
     addr: SocketAddr,
     node_id: u64,
     datacenter: String,
     cluster: Option<Arc<replication::Cluster>>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let metrics = metrics::NodeMetrics::new(store.clone(), cluster.clone(), node_id, &datacenter);
+    if let Some(addr) = metrics_addr {
+        tern_common::metrics::spawn(addr, metrics.registry().clone())
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+    }
     let _bg = store.spawn_background();
-    let svc = service::Service::new(store.clone(), node_id, datacenter, cluster.clone());
+    let svc =
+        service::Service::new(store.clone(), node_id, datacenter, cluster.clone(), metrics.io());
     let transport = cluster.map(|cluster| {
         RaftTransportServer::new(replication::transport::TransportService { cluster })
             .max_decoding_message_size(256 << 20)

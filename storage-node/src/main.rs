@@ -73,6 +73,9 @@ struct Args {
     /// and sends heartbeats.
     #[arg(long, value_delimiter = ',', env = "TERN_MANAGER")]
     manager: Vec<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (none without it).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,10 +95,47 @@ fn main() -> anyhow::Result<()> {
             },
             direct_io: args.direct_io,
         })?;
-        let cluster = match &args.cluster {
+        let link =
+            (!args.manager.is_empty()).then(|| tern_storage_node::manager_link::ManagerLink {
+                managers: args.manager.clone(),
+                node_id: args.node_id,
+                address: args.listen.to_string(),
+                datacenter: args.datacenter.clone(),
+                data_dir: args.data_dir.clone(),
+                store: store.clone(),
+            });
+        // The members: from --cluster, or else from the volume manager (which forms the
+        // cluster once nodes of three datacenters have registered).
+        let members = match (&args.cluster, &link) {
+            (Some(list), _) => Some((
+                ClusterConfig::parse_nodes(list).map_err(anyhow::Error::msg)?,
+                args.groups,
+                args.join,
+            )),
+            (None, Some(link)) => {
+                let (members, groups, join) =
+                    link.cluster_config().await.map_err(anyhow::Error::msg)?;
+                let nodes = members
+                    .into_iter()
+                    .map(|n| tern_common::NodeAddr {
+                        id: n.id,
+                        address: n.address,
+                        datacenter: n.datacenter,
+                    })
+                    .collect::<Vec<_>>();
+                tracing::info!(
+                    members = nodes.len(),
+                    groups,
+                    join,
+                    "storage cluster configuration from the volume manager"
+                );
+                Some((nodes, groups, join))
+            }
+            (None, None) => None,
+        };
+        let cluster = match members {
             None => None,
-            Some(list) => {
-                let nodes = ClusterConfig::parse_nodes(list).map_err(anyhow::Error::msg)?;
+            Some((nodes, groups, join)) => {
                 if let Some(me) = nodes.iter().find(|n| n.id == args.node_id) {
                     if me.datacenter != args.datacenter {
                         anyhow::bail!(
@@ -108,11 +148,11 @@ fn main() -> anyhow::Result<()> {
                 let cfg = ClusterConfig {
                     node_id: args.node_id,
                     nodes,
-                    groups: args.groups,
+                    groups,
                     fault_injection: args.fault_injection,
                     unsafe_no_replication: args.unsafe_no_replication,
                     snapshot_every: args.snapshot_every,
-                    join: args.join,
+                    join,
                     scrub_rate: args.scrub_rate_mib << 20,
                     scrub_pause: std::time::Duration::from_secs(args.scrub_pause_secs),
                 };
@@ -124,15 +164,7 @@ fn main() -> anyhow::Result<()> {
                 Some(Cluster::start(cfg, store.clone(), store.meta()).await?)
             }
         };
-        if !args.manager.is_empty() {
-            let link = tern_storage_node::manager_link::ManagerLink {
-                managers: args.manager.clone(),
-                node_id: args.node_id,
-                address: args.listen.to_string(),
-                datacenter: args.datacenter.clone(),
-                data_dir: args.data_dir.clone(),
-                store: store.clone(),
-            };
+        if let Some(link) = link {
             tokio::spawn(link.run());
         }
         let shutdown = async {
@@ -151,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             args.node_id,
             args.datacenter,
             cluster,
+            args.metrics_listen,
             shutdown,
         )
         .await?;

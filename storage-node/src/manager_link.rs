@@ -28,19 +28,8 @@ pub struct ManagerLink {
 }
 
 /// Size of the filesystem holding `dir`, in bytes (0 if it cannot be told).
-pub fn filesystem_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a valid NUL-terminated string and `st` points to writable memory
-    // the size of a statvfs.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return 0;
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    st.f_blocks.saturating_mul(st.f_frsize)
+fn filesystem_bytes(dir: &std::path::Path) -> u64 {
+    crate::metrics::fs_usage(dir).map_or(0, |u| u.size)
 }
 
 fn channel(address: &str) -> Option<Channel> {
@@ -92,6 +81,43 @@ impl ManagerLink {
             }
         }
         Err(last)
+    }
+
+    /// Registers (retrying until a manager answers), then asks for the storage cluster this
+    /// node belongs to until the manager has formed it (nodes of three datacenters up).
+    /// Returns (members, chunk groups, whether this node joins as a spare).
+    pub async fn cluster_config(&self) -> Result<(Vec<v1::NodeInfo>, u32, bool), String> {
+        let mut tries = 0u32;
+        loop {
+            if tries > 0 {
+                tokio::time::sleep(HEARTBEAT_EVERY).await;
+            }
+            tries += 1;
+            if let Err(e) = self.register().await {
+                if e.starts_with("the volume manager refused") {
+                    return Err(e);
+                }
+                if tries % 10 == 1 {
+                    tracing::warn!("registering with the volume manager: {e}");
+                }
+                continue;
+            }
+            let mut last = String::new();
+            for m in &self.managers {
+                let Some(ch) = channel(m) else { continue };
+                let req = v1::GetClusterConfigRequest { node_id: self.node_id };
+                match ManagerClient::new(ch).get_cluster_config(req).await {
+                    Ok(c) => {
+                        let c = c.into_inner();
+                        return Ok((c.members, c.groups, c.join));
+                    }
+                    Err(s) => last = format!("{m}: {}", s.message()),
+                }
+            }
+            if tries % 10 == 1 {
+                tracing::info!("waiting for the storage cluster to form: {last}");
+            }
+        }
     }
 
     /// Registers, then heartbeats until the process ends.

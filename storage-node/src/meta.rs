@@ -258,6 +258,32 @@ impl MetaStore {
         self.write(b, false)
     }
 
+    /// The fencing generations of `group`'s volumes (volume -> generation).
+    pub fn fences(&self, group: u32) -> Result<Vec<(u64, u64)>> {
+        let (s, e) = keys::fence_range(group);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(e.to_vec());
+        let mut out = Vec::new();
+        for item in self.db.iterator_opt(IteratorMode::From(&s, Direction::Forward), ro) {
+            let (k, v) = item?;
+            let bad =
+                |what: &str| Error::CorruptMeta { key: format!("{k:02x?}"), what: what.into() };
+            let volume = keys::parse_fence_key(&k).ok_or_else(|| bad("not a fence key"))?;
+            let generation =
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| bad("not 8 bytes"))?);
+            out.push((volume, generation));
+        }
+        Ok(out)
+    }
+
+    /// Sets a volume's fencing generation in `group` (WAL written, not synced: the fence
+    /// entry's own durability is the log's, see `replication::log_store`).
+    pub fn put_fence(&self, group: u32, volume: u64, generation: u64) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put(keys::fence_key(group, volume), generation.to_be_bytes());
+        self.write(b, false)
+    }
+
     pub fn raft_state(&self, group: u32, field: keys::RaftField) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(keys::raft_state_key(group, field))?)
     }

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{Error, LEADER_HINT};
 use crate::meta::Entry;
+use crate::metrics::{IoMetrics, IoOp};
 use crate::replication::{Cluster, Cmd, Reply};
 use crate::store::{ChunkStore, NewVolume, Volume};
 
@@ -30,6 +31,8 @@ pub struct Service {
     /// Set when this node is part of a replicated cluster.
     cluster: Option<Arc<Cluster>>,
     admin_peers: Arc<Mutex<HashMap<u64, VolumeAdminClient<Channel>>>>,
+    /// Block I/O served (metrics).
+    io: Arc<IoMetrics>,
 }
 
 impl Service {
@@ -38,8 +41,21 @@ impl Service {
         node_id: u64,
         datacenter: String,
         cluster: Option<Arc<Cluster>>,
+        io: Arc<IoMetrics>,
     ) -> Self {
-        Self { store, node_id, datacenter, cluster, admin_peers: Arc::default() }
+        Self { store, node_id, datacenter, cluster, admin_peers: Arc::default(), io }
+    }
+
+    /// Runs one data request and counts it: `bytes` are those it reads or writes.
+    async fn counted<T>(
+        &self,
+        op: IoOp,
+        bytes: u64,
+        request: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let r = request.await;
+        self.io.done(op, r.is_ok(), bytes);
+        r
     }
 
     /// The admin client of another node (the meta group's leader), for forwarding.
@@ -98,6 +114,11 @@ impl Service {
         }
         Ok(self.store.get(h.volume_id)?)
     }
+}
+
+/// The attachment generation a data request carries (0 when absent).
+fn generation_of(h: &Option<v1::IoHeader>) -> u64 {
+    h.as_ref().map_or(0, |h| h.generation)
 }
 
 /// The one conversion of a volume to its wire form.
@@ -344,27 +365,32 @@ impl Service {
     }
 
     async fn do_write(&self, r: v1::WriteRequest) -> Result<(), Status> {
+        let generation = generation_of(&r.header);
         let v = self.data_volume(r.header)?;
         match &self.cluster {
-            Some(c) => c.write(&v, r.offset, r.data, r.fua).await?,
+            Some(c) => c.write(&v, r.offset, r.data, r.fua, generation).await?,
             None => self.store.write(&v, r.offset, r.data, r.fua).await?,
         }
         Ok(())
     }
 
     async fn do_write_zeroes(&self, r: v1::WriteZeroesRequest) -> Result<(), Status> {
+        let generation = generation_of(&r.header);
         let v = self.data_volume(r.header)?;
         match &self.cluster {
-            Some(c) => c.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?,
+            Some(c) => {
+                c.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua, generation).await?
+            }
             None => self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?,
         }
         Ok(())
     }
 
     async fn do_trim(&self, r: v1::TrimRequest) -> Result<(), Status> {
+        let generation = generation_of(&r.header);
         let v = self.data_volume(r.header)?;
         match &self.cluster {
-            Some(c) => c.trim(&v, r.offset, r.length, r.fua).await?,
+            Some(c) => c.trim(&v, r.offset, r.length, r.fua, generation).await?,
             None => self.store.trim(&v, r.offset, r.length, r.fua).await?,
         }
         Ok(())
@@ -413,12 +439,23 @@ impl Service {
         use v1::io_response::Result as R;
         let done = |r: Result<(), Status>| r.map(|()| R::Done(true));
         let result = match req.op {
-            Some(Op::Read(r)) => self.do_read(r).await.map(R::Read),
-            Some(Op::Write(r)) => done(self.do_write(r).await),
-            Some(Op::WriteZeroes(r)) => done(self.do_write_zeroes(r).await),
-            Some(Op::Trim(r)) => done(self.do_trim(r).await),
-            Some(Op::Flush(r)) => done(self.do_flush(r).await),
-            Some(Op::BlockStatus(r)) => self.do_block_status(r).await.map(R::BlockStatus),
+            Some(Op::Read(r)) => {
+                let n = u64::from(r.length);
+                self.counted(IoOp::Read, n, self.do_read(r)).await.map(R::Read)
+            }
+            Some(Op::Write(r)) => {
+                let n = r.data.len() as u64;
+                done(self.counted(IoOp::Write, n, self.do_write(r)).await)
+            }
+            Some(Op::WriteZeroes(r)) => {
+                done(self.counted(IoOp::WriteZeroes, 0, self.do_write_zeroes(r)).await)
+            }
+            Some(Op::Trim(r)) => done(self.counted(IoOp::Trim, 0, self.do_trim(r)).await),
+            Some(Op::Flush(r)) => done(self.counted(IoOp::Flush, 0, self.do_flush(r)).await),
+            Some(Op::BlockStatus(r)) => {
+                let status = self.do_block_status(r);
+                self.counted(IoOp::BlockStatus, 0, status).await.map(R::BlockStatus)
+            }
             None => Err(Status::invalid_argument("I/O request without an operation")),
         };
         let result = result.unwrap_or_else(|s| {
@@ -490,14 +527,18 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::ReadRequest>,
     ) -> Result<Response<v1::ReadResponse>, Status> {
-        Ok(Response::new(self.do_read(req.into_inner()).await?))
+        let r = req.into_inner();
+        let n = u64::from(r.length);
+        Ok(Response::new(self.counted(IoOp::Read, n, self.do_read(r)).await?))
     }
 
     async fn write(
         &self,
         req: Request<v1::WriteRequest>,
     ) -> Result<Response<v1::WriteResponse>, Status> {
-        self.do_write(req.into_inner()).await?;
+        let r = req.into_inner();
+        let n = r.data.len() as u64;
+        self.counted(IoOp::Write, n, self.do_write(r)).await?;
         Ok(Response::new(v1::WriteResponse {}))
     }
 
@@ -505,7 +546,7 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::WriteZeroesRequest>,
     ) -> Result<Response<v1::WriteZeroesResponse>, Status> {
-        self.do_write_zeroes(req.into_inner()).await?;
+        self.counted(IoOp::WriteZeroes, 0, self.do_write_zeroes(req.into_inner())).await?;
         Ok(Response::new(v1::WriteZeroesResponse {}))
     }
 
@@ -513,7 +554,7 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::TrimRequest>,
     ) -> Result<Response<v1::TrimResponse>, Status> {
-        self.do_trim(req.into_inner()).await?;
+        self.counted(IoOp::Trim, 0, self.do_trim(req.into_inner())).await?;
         Ok(Response::new(v1::TrimResponse {}))
     }
 
@@ -521,7 +562,7 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::FlushRequest>,
     ) -> Result<Response<v1::FlushResponse>, Status> {
-        self.do_flush(req.into_inner()).await?;
+        self.counted(IoOp::Flush, 0, self.do_flush(req.into_inner())).await?;
         Ok(Response::new(v1::FlushResponse {}))
     }
 
@@ -529,7 +570,8 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::BlockStatusRequest>,
     ) -> Result<Response<v1::BlockStatusResponse>, Status> {
-        Ok(Response::new(self.do_block_status(req.into_inner()).await?))
+        let status = self.do_block_status(req.into_inner());
+        Ok(Response::new(self.counted(IoOp::BlockStatus, 0, status).await?))
     }
 }
 
@@ -594,6 +636,30 @@ impl cluster_server::Cluster for Service {
         let (new, member) = member_of(r.new)?;
         c.change_replica(r.group, r.old, new, member).await?;
         Ok(Response::new(v1::ChangeReplicaReply {}))
+    }
+
+    async fn fence_volume(
+        &self,
+        req: Request<v1::FenceVolumeRequest>,
+    ) -> Result<Response<v1::FenceVolumeReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        if r.generation == 0 {
+            return Err(Status::invalid_argument("fencing generations start at 1"));
+        }
+        self.store.get(r.volume_id)?;
+        c.fence_volume(r.volume_id, r.generation).await?;
+        Ok(Response::new(v1::FenceVolumeReply {}))
+    }
+
+    async fn fence_group(
+        &self,
+        req: Request<v1::FenceGroupRequest>,
+    ) -> Result<Response<v1::FenceVolumeReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        c.fence_group(r.group, r.volume_id, r.generation).await?;
+        Ok(Response::new(v1::FenceVolumeReply {}))
     }
 }
 

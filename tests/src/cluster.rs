@@ -15,6 +15,8 @@ pub struct Node {
     pub id: u64,
     pub addr: SocketAddr,
     pub datacenter: String,
+    /// Where the node serves `/metrics` (clusters started with metrics only).
+    pub metrics_addr: Option<SocketAddr>,
     child: Option<Child>,
     stopped: bool,
 }
@@ -24,13 +26,22 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub nbd_addr: SocketAddr,
     frontend: Option<Child>,
+    /// Frontends started with [`Self::start_another_frontend`].
+    others: Vec<Child>,
     groups: u32,
     node_args: Vec<String>,
+    /// Where the frontend serves `/metrics` (clusters started with metrics only).
+    pub frontend_metrics: Option<SocketAddr>,
 }
 
 /// A free port on `ip`.
 fn free_port_on(ip: &str) -> u16 {
     TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap().port()
+}
+
+/// A free address on `ip`, if `wanted`.
+fn metrics_addr_on(ip: &str, wanted: bool) -> Option<SocketAddr> {
+    wanted.then(|| format!("{ip}:{}", free_port_on(ip)).parse().unwrap())
 }
 
 /// Runs one gRPC call on a throwaway runtime.
@@ -46,6 +57,17 @@ impl Cluster {
 
     /// As [`Self::start`], with extra flags for every storage node.
     pub fn start_with(groups: u32, node_args: &[&str]) -> Self {
+        Self::launch(groups, node_args, false)
+    }
+
+    /// As [`Self::start`], every daemon serving its metrics (`--metrics-listen`) on a port of
+    /// its own address: see [`Node::metrics_addr`], [`Self::frontend_metrics`] and
+    /// [`Self::metrics_targets`].
+    pub fn start_with_metrics(groups: u32) -> Self {
+        Self::launch(groups, &[], true)
+    }
+
+    fn launch(groups: u32, node_args: &[&str], metrics: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tern-cluster-").tempdir_in(test_root()).unwrap();
         let nodes = (1..=3u64)
             .map(|i| {
@@ -55,6 +77,7 @@ impl Cluster {
                     id: i,
                     addr: format!("{ip}:{port}").parse().unwrap(),
                     datacenter: format!("dc{i}"),
+                    metrics_addr: metrics_addr_on(&ip, metrics),
                     child: None,
                     stopped: false,
                 }
@@ -67,8 +90,10 @@ impl Cluster {
             nodes,
             nbd_addr,
             frontend: None,
+            others: Vec::new(),
             groups,
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
+            frontend_metrics: metrics_addr_on(ip, metrics),
         };
         for i in 0..3 {
             c.start_node(i);
@@ -102,6 +127,9 @@ impl Cluster {
         if i >= 3 {
             cmd.arg("--join");
         }
+        if let Some(m) = n.metrics_addr {
+            cmd.args(["--metrics-listen", &m.to_string()]);
+        }
         let child =
             spawn_daemon(self.dir.path(), &format!("node{}", n.id), cmd, n.addr, || self.logs());
         self.nodes[i].child = Some(child);
@@ -116,16 +144,25 @@ impl Cluster {
             1 + self.nodes.iter().filter(|n| n.datacenter == format!("dc{dc}")).count()
         );
         let port = free_port_on(&ip);
+        let metrics = self.frontend_metrics.is_some();
         self.nodes.push(Node {
             id,
             addr: format!("{ip}:{port}").parse().unwrap(),
             datacenter: format!("dc{dc}"),
+            metrics_addr: metrics_addr_on(&ip, metrics),
             child: None,
             stopped: false,
         });
         let i = self.nodes.len() - 1;
         self.start_node(i);
         i
+    }
+
+    /// Every `/metrics` endpoint, as `(job, address)`: `storage_node` for each node, then
+    /// `frontend` (empty unless started with [`Self::start_with_metrics`]).
+    pub fn metrics_targets(&self) -> Vec<(&'static str, SocketAddr)> {
+        let nodes = self.nodes.iter().filter_map(|n| n.metrics_addr).map(|a| ("storage_node", a));
+        nodes.chain(self.frontend_metrics.map(|a| ("frontend", a))).collect()
     }
 
     /// `ID=HOST:PORT@DC` of node `i`, as `tern node replace --with` takes it.
@@ -140,8 +177,25 @@ impl Cluster {
             self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect::<Vec<_>>().join(",");
         let mut cmd = Command::new(bin("tern-nbd-frontend"));
         cmd.args(["--listen", &self.nbd_addr.to_string(), "--storage", &storage]);
+        if let Some(m) = self.frontend_metrics {
+            cmd.args(["--metrics-listen", &m.to_string()]);
+        }
         self.frontend =
             Some(spawn_daemon(self.dir.path(), "frontend", cmd, self.nbd_addr, || self.logs()));
+    }
+
+    /// Starts another frontend (another hypervisor host) with `args`, on 127.0.1.x; returns
+    /// its NBD address. Stopped with the cluster.
+    pub fn start_another_frontend(&mut self, name: &str, args: &[&str]) -> SocketAddr {
+        let ip = "127.0.1.2";
+        let addr: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let storage =
+            self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect::<Vec<_>>().join(",");
+        let mut cmd = Command::new(bin("tern-nbd-frontend"));
+        cmd.args(["--listen", &addr.to_string(), "--storage", &storage]).args(args);
+        let child = spawn_daemon(self.dir.path(), name, cmd, addr, || self.logs());
+        self.others.push(child);
+        addr
     }
 
     /// `kill -9` of node `i`.
@@ -344,8 +398,13 @@ impl Drop for Cluster {
                 self.thaw(i);
             }
         }
-        let children =
-            self.nodes.iter_mut().filter_map(|n| n.child.take()).chain(self.frontend.take());
+        let others = std::mem::take(&mut self.others);
+        let children = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.child.take())
+            .chain(self.frontend.take())
+            .chain(others);
         for mut c in children {
             let _ = c.kill();
             let _ = c.wait();

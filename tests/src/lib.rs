@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod history;
 pub mod managers;
+pub mod metrics;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -141,6 +142,9 @@ pub struct Deployment {
     pub dir: tempfile::TempDir,
     pub node_addr: SocketAddr,
     pub nbd_addr: SocketAddr,
+    /// Where the node and the frontend serve `/metrics` (with [`Self::start_with_metrics`]).
+    pub node_metrics: Option<SocketAddr>,
+    pub frontend_metrics: Option<SocketAddr>,
     node: Option<Child>,
     frontend: Option<Child>,
     pub io_engine: String,
@@ -153,11 +157,23 @@ impl Deployment {
     }
 
     pub fn start_with_engine(engine: &str) -> Self {
+        Self::launch(engine, false)
+    }
+
+    /// As [`Self::start`], both daemons serving their metrics (`--metrics-listen`).
+    pub fn start_with_metrics() -> Self {
+        Self::launch("uring", true)
+    }
+
+    fn launch(engine: &str, metrics: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tern-test-").tempdir_in(test_root()).unwrap();
+        let local = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
         let mut d = Self {
             dir,
-            node_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            nbd_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            node_addr: local(),
+            nbd_addr: local(),
+            node_metrics: metrics.then(local),
+            frontend_metrics: metrics.then(local),
             node: None,
             frontend: None,
             io_engine: engine.to_string(),
@@ -178,6 +194,9 @@ impl Deployment {
             .arg("--data-dir")
             .arg(self.dir.path().join("node"))
             .args(["--io-engine", &self.io_engine]);
+        if let Some(m) = self.node_metrics {
+            cmd.args(["--metrics-listen", &m.to_string()]);
+        }
         self.node = Some(self.spawn_daemon("node", cmd, self.node_addr));
     }
 
@@ -186,6 +205,9 @@ impl Deployment {
         let mut cmd = Command::new(bin("tern-nbd-frontend"));
         cmd.args(["--listen", &self.nbd_addr.to_string()])
             .args(["--storage", &format!("http://{}", self.node_addr)]);
+        if let Some(m) = self.frontend_metrics {
+            cmd.args(["--metrics-listen", &m.to_string()]);
+        }
         self.frontend = Some(self.spawn_daemon("frontend", cmd, self.nbd_addr));
     }
 

@@ -10,6 +10,8 @@ use crate::{bin, log_tails, run, spawn_daemon, test_root, text};
 pub struct Replica {
     pub id: u64,
     pub addr: SocketAddr,
+    /// Its Prometheus endpoint (`--metrics-listen`).
+    pub metrics: SocketAddr,
     child: Option<Child>,
 }
 
@@ -28,8 +30,13 @@ impl Managers {
             .map(|i| {
                 let ip = format!("127.0.{i}.3");
                 let port =
-                    TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap().port();
-                Replica { id: i, addr: format!("{ip}:{port}").parse().unwrap(), child: None }
+                    || TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap().port();
+                Replica {
+                    id: i,
+                    addr: format!("{ip}:{}", port()).parse().unwrap(),
+                    metrics: format!("{ip}:{}", port()).parse().unwrap(),
+                    child: None,
+                }
             })
             .collect();
         let mut m = Self { dir, replicas, args: args.iter().map(|s| s.to_string()).collect() };
@@ -66,6 +73,7 @@ impl Managers {
         cmd.args(["--node-id", &r.id.to_string(), "--peers", &self.peers()])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("manager{}", r.id)))
+            .args(["--metrics-listen", &r.metrics.to_string()])
             .args(&self.args);
         let child =
             spawn_daemon(self.dir.path(), &format!("manager{}", r.id), cmd, r.addr, || self.logs());
@@ -144,6 +152,20 @@ impl Managers {
                 panic!("{what}: not after {timeout:?}; last: {v}\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Managers {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for r in &mut self.replicas {
+            if let Some(mut c) = r.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }

@@ -28,22 +28,27 @@ fn attachment(m: &Managers, volume: &str) -> serde_json::Value {
 
 #[test]
 fn manager_failover_keeps_the_cli_attachments_and_io_working() {
-    let (mut m, c) = deployment("10");
+    let (mut m, mut c) = deployment("10");
     m.must_tern(&["volume", "create", "vm1", "--size", "1G"]);
-    m.must_tern(&["volume", "attach", "vm1", "--host", "hv1"]);
-    let w = Workload::start(c.dir.path(), &c.uri("vm1"), "vm1", 10, || c.logs());
+    m.must_tern(&["volume", "create", "vm2", "--size", "1G"]);
+    // The workload goes through hv1's frontend, which attached vm1 (generation 1) and sends
+    // that generation with every write.
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let w = Workload::start(c.dir.path(), &format!("nbd://{hv1}/vm1"), "vm1", 10, || c.logs());
+    assert_eq!(attachment(&m, "vm1")["generation"], 1);
     std::thread::sleep(Duration::from_secs(1));
 
     let leader = m.leader();
     m.kill9(leader);
     // Any surviving replica answers (the CLI is given all three; the dead one is skipped).
     let listed = m.json(&["volume", "list"]);
-    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
-    let a = m.json(&["volume", "attach", "vm1", "--host", "hv2", "--takeover"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    m.must_tern(&["volume", "attach", "vm2", "--host", "hv2"]);
+    let a = m.json(&["volume", "attach", "vm2", "--host", "hv3", "--takeover"]);
     assert_eq!(a[0]["generation"], 2, "a takeover issues the next generation: {a}");
     assert_ne!(m.leader(), leader, "a new manager leads");
 
-    // I/O never depended on the manager.
+    // hv1's I/O went on: the data path never waits for the manager.
     let out = w.out.clone();
     let (ok, report) = w.finish();
     assert!(ok, "I/O failed while the manager failed over\n{report}\n{}", c.logs());
@@ -54,11 +59,12 @@ fn manager_failover_keeps_the_cli_attachments_and_io_working() {
     m.start_replica(leader);
     let other = (leader + 1) % 3;
     m.kill9(other);
-    let a = attachment(&m, "vm1");
-    assert_eq!((a["host"].as_str(), a["generation"].as_u64()), (Some("hv2"), Some(2)), "{a}");
-    m.must_tern(&["volume", "detach", "vm1", "--host", "hv2"]);
+    let a = attachment(&m, "vm2");
+    assert_eq!((a["host"].as_str(), a["generation"].as_u64()), (Some("hv3"), Some(2)), "{a}");
+    assert_eq!(attachment(&m, "vm1")["host"], "hv1");
+    m.must_tern(&["volume", "detach", "vm2", "--host", "hv3"]);
     m.start_replica(other);
-    assert!(attachment(&m, "vm1").is_null());
+    assert!(attachment(&m, "vm2").is_null());
 }
 
 #[test]
@@ -183,4 +189,129 @@ fn bad_requests_get_clear_errors_and_exit_codes() {
     // Nothing above disturbed the service.
     let a = attachment(&m, "busy");
     assert_eq!(a["host"], "hv1", "{a}");
+}
+
+/// Two hypervisor hosts' frontends attach through the manager. When hv2 takes the volume
+/// over, hv1's open connection keeps sending writes: the storage nodes refuse every one of
+/// them (EPERM), and nothing of them reaches the data.
+#[test]
+fn a_taken_over_attachment_fences_the_old_hosts_writes() {
+    tern_tests::require_tool("python3");
+    let (m, mut c) = deployment("10");
+    m.must_tern(&["volume", "create", "shared", "--size", "256M"]);
+    let managers = m.endpoints();
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &managers, "--host", "hv1"]);
+    let hv2 = c.start_another_frontend("hv2", &["--manager", &managers, "--host", "hv2"]);
+    let flag = c.dir.path().join("taken-over");
+    // hv1 writes A, waits for the takeover, then tries B at the same place and C elsewhere.
+    let script = format!(
+        r#"
+import nbd, os, sys, time
+h = nbd.NBD(); h.connect_uri("nbd://{hv1}/shared")
+h.pwrite(b"A" * 4096, 0); h.flush()
+print("WROTE", flush=True)
+while not os.path.exists("{flag}"):
+    time.sleep(0.05)
+refused = 0
+for off, byte in ((0, b"B"), (64 << 20, b"C"), (128 << 20, b"D")):
+    try:
+        h.pwrite(byte * 4096, off)
+    except nbd.Error as e:
+        refused += 1
+        print("REFUSED", off, e, flush=True)
+print("DONE", refused, flush=True)
+"#,
+        flag = flag.display()
+    );
+    let old = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while attachment(&m, "shared").is_null() {
+        assert!(std::time::Instant::now() < deadline, "hv1 never attached\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(attachment(&m, "shared")["host"], "hv1");
+
+    // hv2 cannot open the volume while hv1 holds it.
+    let o = tern_tests::run(
+        30,
+        "/usr/bin/python3",
+        &["-c", &format!("import nbd; h = nbd.NBD(); h.connect_uri('nbd://{hv2}/shared')")],
+    );
+    assert!(!o.status.success(), "hv2 opened a volume attached to hv1\n{}", text(&o));
+
+    // The takeover: generation 2, fenced on every chunk group before it returns.
+    let a = m.json(&["volume", "attach", "shared", "--host", "hv2", "--takeover"]);
+    assert_eq!(a[0]["generation"], 2, "{a}");
+    std::fs::write(&flag, b"").unwrap();
+    let out = old.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("DONE 3"),
+        "hv1's writes after the takeover must all fail\n{said}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+
+    // hv2 now serves the volume: hv1's first write is there, none of the later ones.
+    let check = format!(
+        r#"
+import nbd
+h = nbd.NBD(); h.connect_uri("nbd://{hv2}/shared")
+assert h.pread(4096, 0) == b"A" * 4096, "the acknowledged write before the takeover"
+assert h.pread(4096, 64 << 20) == bytes(4096), "a fenced write reached the data"
+assert h.pread(4096, 128 << 20) == bytes(4096), "a fenced write reached the data"
+h.pwrite(b"E" * 4096, 0); h.flush()
+assert h.pread(4096, 0) == b"E" * 4096
+print("OK")
+"#
+    );
+    let o = tern_tests::run(60, "/usr/bin/python3", &["-c", &check]);
+    assert!(o.status.success(), "hv2 after the takeover\n{}\n{}", text(&o), c.logs());
+}
+
+/// A real Prometheus scrapes the three managers: exactly one leads, and they agree on the
+/// state; promtool accepts every page.
+#[test]
+fn prometheus_scrapes_the_managers() {
+    use tern_tests::metrics::{must_pass_promtool, must_scrape, sample, Prometheus};
+    tern_tests::require_tool("prometheus");
+    tern_tests::require_tool("promtool");
+    let (m, _c) = deployment("10");
+    m.must_tern(&["volume", "create", "seen", "--size", "64M"]);
+    m.must_tern(&["volume", "attach", "seen", "--host", "hv1"]);
+    let mut leaders = 0.0;
+    for r in &m.replicas {
+        let page = must_scrape(r.metrics);
+        must_pass_promtool(&format!("manager {}", r.id), &page);
+        leaders += sample(&page, "tern_manager_is_leader").expect("is_leader");
+        assert!(sample(&page, "tern_manager_raft_term").unwrap() >= 1.0, "{page}");
+    }
+    assert_eq!(leaders, 1.0, "exactly one manager leads");
+    let targets: Vec<(String, std::net::SocketAddr)> =
+        m.replicas.iter().map(|r| (format!("manager{}", r.id), r.metrics)).collect();
+    let targets: Vec<(&str, std::net::SocketAddr)> =
+        targets.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let p = Prometheus::start(m.dir.path(), &targets);
+    p.wait_all_up(&targets, Duration::from_secs(60));
+    p.wait_for("one leader", "sum(tern_manager_is_leader)", Duration::from_secs(30), |s| {
+        s.len() == 1 && s[0].value == 1.0
+    });
+    // Every replica applied the same state.
+    p.wait_for(
+        "three nodes up",
+        "tern_manager_nodes{state=\"up\"}",
+        Duration::from_secs(30),
+        |s| s.len() == 3 && s.iter().all(|x| x.value == 3.0),
+    );
+    p.wait_for("one attachment", "tern_manager_attachments", Duration::from_secs(30), |s| {
+        s.len() == 3 && s.iter().all(|x| x.value == 1.0)
+    });
+    p.wait_for("capacity", "tern_manager_capacity_bytes", Duration::from_secs(30), |s| {
+        s.len() == 1 && s[0].value > 0.0
+    });
 }

@@ -7,6 +7,7 @@
 //! ([`storage`]).
 #![forbid(unsafe_code)]
 
+pub mod metrics;
 pub mod monitor;
 pub mod raft;
 pub mod service;
@@ -28,6 +29,7 @@ pub async fn start(
     id: u64,
     peers: &[NodeAddr],
     data_dir: &Path,
+    groups: u32,
 ) -> anyhow::Result<Arc<service::Manager>> {
     std::fs::create_dir_all(data_dir)?;
     let log = LogStore::open(&data_dir.join("raft"))?;
@@ -48,5 +50,5 @@ pub async fn start(
             Err(e) => tracing::warn!("initializing the manager group: {e}"),
         }
     }
-    Ok(service::Manager::new(id, raft, state))
+    Ok(service::Manager::new(id, groups, raft, state))
 }

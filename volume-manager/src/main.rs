@@ -30,6 +30,12 @@ struct Args {
     /// A storage node silent this long (seconds) is marked down.
     #[arg(long, default_value_t = 10)]
     node_down_after: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (none without it).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// Chunk groups (Raft groups) of the storage cluster the manager forms; fixed once formed.
+    #[arg(long, default_value_t = 32)]
+    groups: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +53,9 @@ fn main() -> anyhow::Result<()> {
     if ids.len() != args.peers.len() {
         anyhow::bail!("--peers lists an id twice");
     }
+    if args.groups == 0 {
+        anyhow::bail!("--groups must be at least 1");
+    }
     let listen: SocketAddr = match args.listen {
         Some(a) => a,
         None => me
@@ -59,8 +68,14 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
-        let m = tern_volume_manager::start(args.node_id, &args.peers, &args.data_dir).await?;
+        let m = tern_volume_manager::start(args.node_id, &args.peers, &args.data_dir, args.groups).await?;
         tokio::spawn(monitor::watch_nodes(m.clone(), Duration::from_secs(args.node_down_after)));
+        if let Some(addr) = args.metrics_listen {
+            let registry = tern_volume_manager::metrics::registry(m.clone())?;
+            tern_common::metrics::spawn(addr, registry)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics on {addr}: {e}"))?;
+        }
         tracing::info!(id = args.node_id, %listen, datacenter = %me.datacenter, "volume manager listening");
         let svc = Service(m.clone());
         let incoming =

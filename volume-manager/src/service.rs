@@ -18,7 +18,9 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::raft::Raft;
-use crate::state::{Attachment, Class, Cmd, NodeRecord, NodeState, Reply, State, VolumeRecord};
+use crate::state::{
+    Attachment, Class, Cmd, NodeRecord, NodeState, Reply, State, StorageCluster, VolumeRecord,
+};
 use crate::storage;
 
 const FORWARDED: &str = "x-tern-forwarded";
@@ -36,6 +38,8 @@ pub struct Seen {
 
 pub struct Manager {
     pub id: u64,
+    /// Chunk groups of the storage cluster it forms (see `GetClusterConfig`).
+    pub groups: u32,
     pub raft: Raft,
     pub state: Arc<RwLock<State>>,
     pub seen: Arc<Mutex<HashMap<u64, Seen>>>,
@@ -109,9 +113,10 @@ fn attachment_to_wire(a: &Attachment, state: &State) -> v1::Attachment {
 }
 
 impl Manager {
-    pub fn new(id: u64, raft: Raft, state: Arc<RwLock<State>>) -> Arc<Self> {
+    pub fn new(id: u64, groups: u32, raft: Raft, state: Arc<RwLock<State>>) -> Arc<Self> {
         Arc::new(Self {
             id,
+            groups,
             raft,
             state,
             seen: Arc::default(),
@@ -335,6 +340,59 @@ impl Manager {
         }
         self.propose(Cmd::DeleteVolume { id: v.id }).await?;
         Ok(())
+    }
+
+    // ------------------------------------------------------------------ storage cluster
+
+    /// The storage cluster, formed on the first request once nodes of three datacenters are
+    /// up: the lowest node id of each of the first three datacenters (by name).
+    async fn cluster_config_here(&self, node_id: u64) -> Result<v1::ClusterConfig, Status> {
+        self.linearize().await?;
+        let existing = self.state.read().cluster.clone();
+        let cluster = match existing {
+            Some(c) => c,
+            None => {
+                let members: Vec<u64> = {
+                    let st = self.state.read();
+                    let mut by_dc: BTreeMap<&str, u64> = BTreeMap::new();
+                    for n in st.nodes.values().filter(|n| n.state == NodeState::Up) {
+                        let e = by_dc.entry(n.datacenter.as_str()).or_insert(n.id);
+                        *e = (*e).min(n.id);
+                    }
+                    if by_dc.len() < 3 {
+                        return Err(Status::unavailable(format!(
+                            "waiting for storage nodes in three datacenters (up: {:?})",
+                            by_dc.keys().collect::<Vec<_>>()
+                        )));
+                    }
+                    by_dc.into_values().take(3).collect()
+                };
+                let cmd = Cmd::FormCluster(StorageCluster { members, groups: self.groups });
+                match self.propose(cmd).await? {
+                    Reply::Cluster(c) => {
+                        tracing::info!(members = ?c.members, groups = c.groups, "storage cluster formed");
+                        c
+                    }
+                    other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
+                }
+            }
+        };
+        let st = self.state.read();
+        let members = cluster
+            .members
+            .iter()
+            .filter_map(|id| st.nodes.get(id))
+            .map(|n| v1::NodeInfo {
+                id: n.id,
+                address: n.address.clone(),
+                datacenter: n.datacenter.clone(),
+            })
+            .collect();
+        Ok(v1::ClusterConfig {
+            members,
+            groups: cluster.groups,
+            join: !cluster.members.contains(&node_id),
+        })
     }
 
     // ------------------------------------------------------------------ status
@@ -635,6 +693,22 @@ impl v1::manager_server::Manager for Service {
         let Reply::Attachment(a) = m.propose(cmd).await? else {
             return Err(Status::internal("unexpected reply to an attach"));
         };
+        // The attachment is only handed out once every chunk group refuses older
+        // generations: the previous host can no longer change the volume. (Again for an
+        // attachment that already existed: an earlier attempt may have failed here.)
+        storage::fence_volume(&m.storage_addresses(), v.id, a.generation).await.map_err(|s| {
+            Status::new(
+                s.code(),
+                format!(
+                    "volume {:?} is attached to {:?} (generation {}) but not yet fenced on the \
+                     storage nodes; attach again to retry: {}",
+                    v.name,
+                    a.host,
+                    a.generation,
+                    s.message()
+                ),
+            )
+        })?;
         tracing::info!(volume = %v.name, host = %a.host, generation = a.generation, "volume attached");
         let st = m.state.read();
         Ok(Response::new(attachment_to_wire(&a, &st)))
@@ -673,5 +747,18 @@ impl v1::manager_server::Manager for Service {
         let m = &self.0;
         forward!(m, req, ManagerClient, cluster_status);
         m.cluster_status_here().await.map(Response::new)
+    }
+
+    async fn get_cluster_config(
+        &self,
+        req: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, get_cluster_config);
+        let node_id = req.get_ref().node_id;
+        if !m.state.read().nodes.contains_key(&node_id) {
+            return Err(Status::not_found(format!("node {node_id} is not registered")));
+        }
+        m.cluster_config_here(node_id).await.map(Response::new)
     }
 }

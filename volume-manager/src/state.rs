@@ -62,17 +62,50 @@ pub struct State {
     /// The last fencing generation issued per volume (kept after a detach, so a generation is
     /// never issued twice for a volume).
     pub generations: BTreeMap<u64, u64>,
+    /// The storage cluster's original members and chunk groups, chosen once.
+    pub cluster: Option<StorageCluster>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageCluster {
+    /// Node ids, one per datacenter.
+    pub members: Vec<u64>,
+    pub groups: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cmd {
-    RegisterNode { id: u64, address: String, datacenter: String, now: u64 },
-    SetNodeState { id: u64, state: NodeState },
+    RegisterNode {
+        id: u64,
+        address: String,
+        datacenter: String,
+        now: u64,
+    },
+    SetNodeState {
+        id: u64,
+        state: NodeState,
+    },
     CreateVolume(VolumeRecord),
-    UpdateVolume { id: u64, size: Option<u64>, read_only: Option<bool> },
-    DeleteVolume { id: u64 },
-    Attach { volume_id: u64, host: String, takeover: bool, now: u64 },
-    Detach { volume_id: u64, host: String },
+    UpdateVolume {
+        id: u64,
+        size: Option<u64>,
+        read_only: Option<bool>,
+    },
+    DeleteVolume {
+        id: u64,
+    },
+    Attach {
+        volume_id: u64,
+        host: String,
+        takeover: bool,
+        now: u64,
+    },
+    Detach {
+        volume_id: u64,
+        host: String,
+    },
+    /// Fixes the storage cluster's members and chunk groups (refused once set).
+    FormCluster(StorageCluster),
 }
 
 /// What a command did, or why it was refused (the same on every replica).
@@ -83,6 +116,7 @@ pub enum Reply {
     Node(NodeRecord),
     Volume(VolumeRecord),
     Attachment(Attachment),
+    Cluster(StorageCluster),
     Refused(Refusal),
 }
 
@@ -244,6 +278,30 @@ impl State {
                 self.attachments.insert(volume_id, a.clone());
                 Ok(Reply::Attachment(a))
             }
+            Cmd::FormCluster(c) => {
+                if let Some(existing) = &self.cluster {
+                    return Ok(Reply::Cluster(existing.clone()));
+                }
+                let mut dcs: Vec<&str> = Vec::new();
+                for id in &c.members {
+                    let n = self
+                        .nodes
+                        .get(id)
+                        .ok_or_else(|| Refusal::NotFound(format!("no storage node {id}")))?;
+                    if dcs.contains(&n.datacenter.as_str()) {
+                        return Err(Refusal::InvalidArgument(format!(
+                            "two members in datacenter {}",
+                            n.datacenter
+                        )));
+                    }
+                    dcs.push(&n.datacenter);
+                }
+                if c.groups == 0 {
+                    return Err(Refusal::InvalidArgument("a cluster has chunk groups".into()));
+                }
+                self.cluster = Some(c.clone());
+                Ok(Reply::Cluster(c))
+            }
             Cmd::Detach { volume_id, host } => match self.attachments.get(&volume_id) {
                 None => Ok(Reply::Done),
                 Some(a) if a.host == host => {
@@ -303,6 +361,20 @@ mod tests {
             s.apply(Cmd::SetNodeState { id: 1, state: NodeState::Up }),
             Reply::Refused(_)
         ));
+    }
+
+    #[test]
+    fn the_storage_cluster_is_formed_once_with_one_member_per_datacenter() {
+        let mut s = State::default();
+        s.apply(reg(1, "a:1", "dc1"));
+        s.apply(reg(2, "a:2", "dc1"));
+        s.apply(reg(3, "a:3", "dc2"));
+        let form = |members: Vec<u64>| Cmd::FormCluster(StorageCluster { members, groups: 8 });
+        assert!(matches!(s.apply(form(vec![1, 2])), Reply::Refused(Refusal::InvalidArgument(_))));
+        assert!(matches!(s.apply(form(vec![1, 9])), Reply::Refused(Refusal::NotFound(_))));
+        assert!(matches!(s.apply(form(vec![1, 3])), Reply::Cluster(c) if c.members == vec![1, 3]));
+        // Once formed, it stays.
+        assert!(matches!(s.apply(form(vec![2, 3])), Reply::Cluster(c) if c.members == vec![1, 3]));
     }
 
     #[test]

@@ -113,6 +113,16 @@ pub async fn cluster_map(addresses: &[String]) -> Result<v1::ClusterMap, Status>
     .await
 }
 
+/// Raises the volume's fence to `generation` in every chunk group (see `Cluster.FenceVolume`).
+pub async fn fence_volume(addresses: &[String], id: u64, generation: u64) -> Result<(), Status> {
+    first_answer(addresses, |ch| async move {
+        let req = v1::FenceVolumeRequest { volume_id: id, generation };
+        ClusterClient::new(ch).fence_volume(req).await?;
+        Ok(())
+    })
+    .await
+}
+
 /// Groups being moved by a replacement some node drives, summed over `addresses`.
 pub async fn groups_rebuilding(addresses: &[String]) -> u32 {
     let mut n = 0;

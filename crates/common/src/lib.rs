@@ -1,6 +1,10 @@
 //! Domain vocabulary shared by Tern's crates: the block and chunk geometry, volume names and
-//! sizes (with the parsing and validation every entry point uses), and logging set-up.
+//! sizes (with the parsing and validation every entry point uses), logging set-up, and (with
+//! the `metrics` feature) the daemons' Prometheus endpoint ([`metrics`]).
 #![forbid(unsafe_code)]
+
+#[cfg(feature = "metrics")]
+pub mod metrics;
 
 use std::fmt;
 

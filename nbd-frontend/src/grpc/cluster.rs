@@ -20,6 +20,7 @@ use super::node::Node;
 use super::parts::{chunk_parts, Part};
 use super::{io_status, is_transient, map_status, Reply};
 use crate::backend::BackendError;
+use crate::metrics::BackendMetrics;
 
 /// How long one request keeps trying (following leaders, waiting out elections, moving off
 /// dead nodes) before it fails with EIO.
@@ -60,6 +61,7 @@ pub(crate) struct Cluster {
     refreshed: Mutex<Instant>,
     /// Volume sizes seen by `lookup`, to know which groups a flush must reach.
     sizes: Mutex<HashMap<u64, u64>>,
+    metrics: BackendMetrics,
 }
 
 impl Cluster {
@@ -81,6 +83,7 @@ impl Cluster {
             next: AtomicUsize::new(0),
             refreshed: Mutex::new(Instant::now()),
             sizes: Mutex::default(),
+            metrics: BackendMetrics::default(),
         };
         cluster.set_nodes(&map.nodes);
         if cluster.nodes.read().is_empty() {
@@ -88,6 +91,12 @@ impl Cluster {
         }
         cluster.learn_leaders(&map.group_state);
         Ok(cluster)
+    }
+
+    /// Counts retries and redirects in `metrics` (the backend's) from now on.
+    pub fn with_metrics(mut self, metrics: BackendMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn groups(&self) -> u32 {
@@ -173,6 +182,7 @@ impl Cluster {
                 // A frozen or wedged node holds requests without answering: after a while,
                 // ask elsewhere (a retried write is harmless; block writes are idempotent).
                 Err(_) => {
+                    self.metrics.attempt_timeouts.inc();
                     // Whatever else it leads is as stuck: send those groups elsewhere too,
                     // instead of each paying the attempt timeout in turn.
                     self.forget_node(node.id);
@@ -183,6 +193,7 @@ impl Cluster {
                 Outcome::Done(reply) => return Ok(reply),
                 Outcome::Fail(e) => return Err(e),
                 Outcome::Redirect(leader) => {
+                    self.metrics.redirects.inc();
                     self.follow(group, leader);
                     if !self.knows(leader) {
                         // A member we have not heard of: the map is out of date.
@@ -208,6 +219,7 @@ impl Cluster {
                     "gave up on chunk group {group} after {RETRY_BUDGET:?}; last: {why}"
                 )));
             }
+            self.metrics.retries.inc();
         }
     }
 
@@ -237,6 +249,7 @@ impl Cluster {
                         if !backoff.wait().await {
                             return Err(s);
                         }
+                        self.metrics.retries.inc();
                     }
                     Err(s) => return Err(s),
                 }

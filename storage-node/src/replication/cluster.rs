@@ -120,6 +120,8 @@ pub struct Cluster {
     /// Index = group id (0 = the meta group).
     rafts: Vec<Raft>,
     reads: Vec<Arc<ReadGate>>,
+    /// Each group's commit index as its log store last heard it, plus one (0: none yet).
+    committed: Vec<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Proposals that get no answer this long fail with UNAVAILABLE (the client retries,
@@ -164,8 +166,10 @@ impl Cluster {
         super::snapshot::clear_staging(&store);
         let created = Arc::new(Notify::new());
         let mut rafts = Vec::new();
+        let mut committed = Vec::new();
         for group in 0..=cfg.groups {
             let log = LogStore::new(group, meta.clone(), store.clone());
+            committed.push(log.committed());
             let sm = StateMachine::open(
                 group,
                 cfg.groups,
@@ -184,6 +188,7 @@ impl Cluster {
             transport,
             rafts,
             reads,
+            committed,
             replacement: Arc::default(),
         });
         if c.cfg.scrub_rate > 0 {
@@ -235,6 +240,13 @@ impl Cluster {
 
     pub fn raft(&self, group: u32) -> Option<&Raft> {
         self.rafts.get(group as usize)
+    }
+
+    /// The commit index of `group` as this replica last heard it; `None` if it heard of none
+    /// since the node started (openraft's metrics do not carry it).
+    pub fn committed_index(&self, group: u32) -> Option<u64> {
+        let c = self.committed.get(group as usize)?;
+        c.load(std::sync::atomic::Ordering::Relaxed).checked_sub(1)
     }
 
     pub fn address_of(&self, node: u64) -> Option<String> {
@@ -330,6 +342,78 @@ impl Cluster {
 
     pub fn replacement(&self) -> Option<Replacement> {
         self.replacement.lock().clone()
+    }
+
+    /// Raises `volume`'s fence to `generation` in every data group (all of them: a volume
+    /// that grows later reaches more groups), each through its leader. Returns once every
+    /// group committed it.
+    pub async fn fence_volume(&self, volume: u64, generation: u64) -> Result<()> {
+        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
+        let results = futures::future::join_all(
+            groups.iter().map(|&g| self.fence_on_leader(g, volume, generation)),
+        )
+        .await;
+        for (g, r) in groups.iter().zip(results) {
+            r.map_err(|e| match e {
+                Error::Refused { .. } => e,
+                e => Error::Unavailable(format!("fencing volume {volume} in group {g}: {e}")),
+            })?;
+        }
+        tracing::info!(volume, generation, groups = groups.len(), "volume fenced");
+        Ok(())
+    }
+
+    /// Proposes the fence on `group`'s leader (this node, or the one it names), retrying
+    /// through an election for a few seconds.
+    async fn fence_on_leader(&self, group: u32, volume: u64, generation: u64) -> Result<()> {
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let leader = raft.metrics().borrow().current_leader;
+            let r = match leader {
+                Some(l) if l == self.cfg.node_id => {
+                    self.fence_group(group, volume, generation).await
+                }
+                Some(l) => match self.address_of(l) {
+                    Some(addr) => {
+                        let req = tern_proto::v1::FenceGroupRequest {
+                            group,
+                            volume_id: volume,
+                            generation,
+                        };
+                        match tern_proto::v1::cluster_client::ClusterClient::connect(format!(
+                            "http://{addr}"
+                        ))
+                        .await
+                        {
+                            Ok(mut c) => c
+                                .fence_group(req)
+                                .await
+                                .map(|_| ())
+                                .map_err(|s| Error::Unavailable(s.message().to_string())),
+                            Err(e) => Err(Error::Unavailable(e.to_string())),
+                        }
+                    }
+                    None => Err(Error::Unavailable(format!("leader {l} unknown"))),
+                },
+                None => Err(Error::Unavailable(format!("group {group} has no leader"))),
+            };
+            match r {
+                Err(Error::Unavailable(m)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(group, "fence: {m}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// On `group`'s leader: commits the fence in the group's log.
+    pub async fn fence_group(&self, group: u32, volume: u64, generation: u64) -> Result<()> {
+        if group == META_GROUP || group > self.cfg.groups {
+            return Err(Error::NoSuchGroup(group));
+        }
+        Self::done(self.propose(group, Cmd::Fence { volume, generation }).await?)
     }
 
     /// One group's step, sent to the group's leader.
@@ -542,7 +626,14 @@ impl Cluster {
         }
     }
 
-    pub async fn write(&self, v: &Volume, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+    pub async fn write(
+        &self,
+        v: &Volume,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+    ) -> Result<()> {
         let len = data.len() as u64;
         if len > tern_common::MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: tern_common::MAX_IO_SIZE });
@@ -552,7 +643,8 @@ impl Cluster {
             self.linearize(group).await?;
             return self.store.write(v, offset, data, fua).await;
         }
-        Self::done(self.propose(group, Cmd::Write { volume: v.id.0, offset, data, fua }).await?)
+        let cmd = Cmd::Write { volume: v.id.0, offset, data, fua, generation };
+        Self::done(self.propose(group, cmd).await?)
     }
 
     pub async fn write_zeroes(
@@ -562,23 +654,32 @@ impl Cluster {
         len: u64,
         punch: bool,
         fua: bool,
+        generation: u64,
     ) -> Result<()> {
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
             return self.store.write_zeroes(v, offset, len, punch, fua).await;
         }
-        let cmd = Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua };
+        let cmd = Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua, generation };
         Self::done(self.propose(group, cmd).await?)
     }
 
-    pub async fn trim(&self, v: &Volume, offset: u64, len: u64, fua: bool) -> Result<()> {
+    pub async fn trim(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        generation: u64,
+    ) -> Result<()> {
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
             return self.store.trim(v, offset, len, fua).await;
         }
-        Self::done(self.propose(group, Cmd::Trim { volume: v.id.0, offset, len, fua }).await?)
+        let cmd = Cmd::Trim { volume: v.id.0, offset, len, fua, generation };
+        Self::done(self.propose(group, cmd).await?)
     }
 
     /// Makes every write acknowledged before it in `group` durable on a quorum.

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -115,6 +115,9 @@ pub struct LogStore {
     flusher: mpsc::UnboundedSender<(LogFlushed<TypeConfig>, bool)>,
     /// Completions queued at the flusher and not yet reported.
     queued: Arc<AtomicUsize>,
+    /// The last commit index openraft reported, plus one (0: none since the start); in
+    /// memory only, for the commit lag metric.
+    committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -133,7 +136,12 @@ impl LogStore {
                 q.fetch_sub(1, Ordering::AcqRel);
             }
         });
-        Self { group, meta, recent: Arc::default(), flusher: tx, queued }
+        Self { group, meta, recent: Arc::default(), flusher: tx, queued, committed: Arc::default() }
+    }
+
+    /// The commit index last reported to this log, plus one (0: none yet), shared.
+    pub fn committed(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
     }
 
     fn get_state<T: serde::de::DeserializeOwned>(
@@ -201,9 +209,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get_state(RaftField::Vote)
     }
 
-    // `save_committed` keeps openraft's default (not saved): the state machine persists what
-    // it applied (see `state_machine`), and reads are served only by a leader that confirmed
-    // its commit index with a quorum. Saving it cost a RocksDB write per commit on every replica.
+    /// The commit index is not saved (`read_committed` keeps openraft's default): the state
+    /// machine persists what it applied (see `state_machine`), and reads are served only by a
+    /// leader that confirmed its commit index with a quorum. Saving it cost a RocksDB write per
+    /// commit on every replica. It is only noted in memory, for the commit lag metric.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.committed.store(committed.map_or(0, |c| c.index + 1), Ordering::Relaxed);
+        Ok(())
+    }
 
     async fn append<I>(
         &mut self,
@@ -280,6 +293,7 @@ mod tests {
                 offset: 0,
                 data: Bytes::from(vec![0u8; bytes]),
                 fua: false,
+                generation: 0,
             })
         };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }

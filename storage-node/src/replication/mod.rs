@@ -32,6 +32,10 @@ use serde::{Deserialize, Serialize};
 pub use cluster::{Cluster, ClusterConfig, NodeAddr};
 
 /// A command in a Raft log.
+///
+/// Data commands carry the writer's attachment `generation` (0 = not attached through the
+/// volume manager): a replica applying one with a generation below the volume's fence (see
+/// `Fence`) refuses it, identically on every replica, since the fence is in the same log.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Cmd {
     // ----- data groups -----
@@ -40,6 +44,7 @@ pub enum Cmd {
         offset: u64,
         data: Bytes,
         fua: bool,
+        generation: u64,
     },
     WriteZeroes {
         volume: u64,
@@ -47,16 +52,24 @@ pub enum Cmd {
         len: u64,
         punch: bool,
         fua: bool,
+        generation: u64,
     },
     Trim {
         volume: u64,
         offset: u64,
         len: u64,
         fua: bool,
+        generation: u64,
     },
     /// A durability point: every entry up to this one is on stable storage on each replica
     /// that reports it stored.
     Flush,
+    /// From here on, this group refuses the volume's data commands of an older generation
+    /// (the volume manager gave the attachment to another host). Fences only rise.
+    Fence {
+        volume: u64,
+        generation: u64,
+    },
     // ----- the meta group -----
     /// Creates a volume whose id is this entry's log index (the same on every replica).
     CreateVolume {
@@ -86,6 +99,8 @@ impl Cmd {
         match self {
             Cmd::Write { fua, .. } | Cmd::WriteZeroes { fua, .. } | Cmd::Trim { fua, .. } => *fua,
             Cmd::Flush => true,
+            // A fence must outlive a power loss: the old host might write again.
+            Cmd::Fence { .. } => true,
             // Volume records are small and rare: always durable.
             Cmd::CreateVolume { .. }
             | Cmd::ResizeVolume { .. }

@@ -40,6 +40,8 @@ pub enum Record {
     Blocks { first: u32, data: Bytes },
     /// Consecutive zero entries (allocated zeros, no data).
     Zeros { first: u32, n: u32 },
+    /// Data group: its volumes' fencing generations (volume, generation).
+    Fences(Vec<(u64, u64)>),
 }
 
 /// The first part of a snapshot transfer.
@@ -115,6 +117,12 @@ pub async fn stream_group(
         parts.push(Record::Volumes(recs), 0).await?;
         parts.flush().await?;
         return Ok(0);
+    }
+    // Fences only rise, so sending them first is right for a fuzzy snapshot too: entries
+    // replayed after it raise them further.
+    let fences = store.meta().fences(group)?;
+    if !fences.is_empty() {
+        parts.push(Record::Fences(fences), 0).await?;
     }
     for v in store.list() {
         let rec = v.record();

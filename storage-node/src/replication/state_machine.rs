@@ -11,7 +11,7 @@
 //! entries since, from its log. The log is purged only up to a snapshot, and building one
 //! persists its applied id first, so the entries to re-apply are always still in the log.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,8 @@ pub struct StateMachine {
     /// volume's first write before this node's meta group applied its creation).
     volume_created: Arc<Notify>,
     last_applied: Option<LogId>,
+    /// Fencing generation per volume in this group (see `Cmd::Fence`), mirrored from RocksDB.
+    fences: HashMap<u64, u64>,
     /// Index of the applied id last persisted.
     saved_index: u64,
     membership: Membership,
@@ -69,6 +71,7 @@ impl StateMachine {
             None => (None, Membership::default()),
         };
         let saved_index = last_applied.map_or(0, |l| l.index);
+        let fences = meta.fences(group)?.into_iter().collect();
         Ok(Self {
             group,
             groups,
@@ -76,6 +79,7 @@ impl StateMachine {
             meta,
             volume_created,
             last_applied,
+            fences,
             saved_index,
             membership,
         })
@@ -107,7 +111,43 @@ impl StateMachine {
         }
     }
 
+    /// A refusal if `generation` is older than `volume`'s fence here.
+    fn fenced(&self, volume: u64, generation: u64) -> Option<Reply> {
+        let fence = self.fences.get(&volume).copied().unwrap_or(0);
+        (generation < fence).then(|| Reply::Refused {
+            code: tonic::Code::FailedPrecondition as i32,
+            message: format!(
+                "volume {volume} was attached elsewhere: writes of generation {generation} are \
+                 fenced off (current generation {fence})"
+            ),
+        })
+    }
+
+    /// Raises a volume's fence (fences never go down).
+    fn raise_fence(&mut self, volume: u64, generation: u64) -> Result<(), StorageError> {
+        if self.fences.get(&volume).copied().unwrap_or(0) >= generation {
+            return Ok(());
+        }
+        self.meta.put_fence(self.group, volume, generation).map_err(sm_err)?;
+        self.fences.insert(volume, generation);
+        Ok(())
+    }
+
     async fn apply_cmd(&mut self, index: u64, cmd: Cmd) -> Result<Reply, StorageError> {
+        match &cmd {
+            Cmd::Write { volume, generation, .. }
+            | Cmd::WriteZeroes { volume, generation, .. }
+            | Cmd::Trim { volume, generation, .. } => {
+                if let Some(refusal) = self.fenced(*volume, *generation) {
+                    return Ok(refusal);
+                }
+            }
+            Cmd::Fence { volume, generation } => {
+                self.raise_fence(*volume, *generation)?;
+                return Ok(Reply::Done);
+            }
+            _ => {}
+        }
         let r = match cmd {
             Cmd::Write { volume, offset, data, .. } => match self.volume(volume).await? {
                 Some(v) => self.store.apply_write(&v, offset, data).await,
@@ -125,6 +165,7 @@ impl StateMachine {
             },
             // Its durability was the log's business (see `log_store`).
             Cmd::Flush => Ok(()),
+            Cmd::Fence { .. } => Ok(()),
             Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at } => {
                 return self
                     .create_volume(index, name, size, read_only, tenant, labels, created_at)
@@ -196,6 +237,11 @@ impl StateMachine {
             for record in part.map_err(sm_err)? {
                 match record {
                     Record::Volumes(recs) => self.install_volumes(recs).await?,
+                    Record::Fences(fences) => {
+                        for (volume, generation) in fences {
+                            self.raise_fence(volume, generation)?;
+                        }
+                    }
                     Record::Chunk { volume, chunk } => {
                         current = match self.volume(volume).await? {
                             Some(v) => {

@@ -10,8 +10,9 @@
 //! drops all traffic to and from chosen nodes, as a network partition would.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{Fatal, ReplicationClosed};
 use openraft::error::{
@@ -57,10 +58,18 @@ struct Peer {
     bulk: mpsc::UnboundedSender<Outgoing>,
     /// For snapshot streams (the bulk connection).
     client: Client,
+    /// When the peer last answered a batch, in milliseconds since the transport started
+    /// (0: never). For the health metric: heartbeats make a live peer answer every 100 ms.
+    answered: Arc<AtomicU64>,
 }
 
 impl Peer {
-    fn start(from: u64, to: u64, address: &str) -> Result<Self, tonic::transport::Error> {
+    fn start(
+        from: u64,
+        to: u64,
+        address: &str,
+        epoch: Instant,
+    ) -> Result<Self, tonic::transport::Error> {
         let ep = Endpoint::from_shared(format!("http://{address}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
@@ -72,10 +81,13 @@ impl Peer {
                 .max_encoding_message_size(256 << 20)
         };
         let bulk = client();
+        let answered = Arc::new(AtomicU64::new(0));
+        let heard = Heard { at: answered.clone(), epoch };
         Ok(Self {
-            small: lane(from, to, client()),
-            bulk: lane(from, to, bulk.clone()),
+            small: lane(from, to, client(), heard.clone()),
+            bulk: lane(from, to, bulk.clone(), heard),
             client: bulk,
+            answered,
         })
     }
 
@@ -85,8 +97,15 @@ impl Peer {
     }
 }
 
+/// Where a lane notes that its peer answered (see `Peer::answered`).
+#[derive(Clone)]
+struct Heard {
+    at: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
 /// Starts a lane: a task batching queued messages into `RaftTransport.Send` calls.
-fn lane(from: u64, to: u64, client: Client) -> mpsc::UnboundedSender<Outgoing> {
+fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSender<Outgoing> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -116,11 +135,15 @@ fn lane(from: u64, to: u64, client: Client) -> mpsc::UnboundedSender<Outgoing> {
                 }
             }
             let mut client = client.clone();
+            let heard = heard.clone();
             tokio::spawn(async move {
                 let (messages, waiters): (Vec<_>, Vec<_>) =
                     batch.into_iter().map(|o| (o.msg, o.reply)).unzip();
                 match client.send(v1::RaftBatch { from, to, messages }).await {
                     Ok(r) => {
+                        // At least 1: 0 means never.
+                        let ms = heard.epoch.elapsed().as_millis().max(1) as u64;
+                        heard.at.store(ms, Ordering::Relaxed);
                         let mut replies = r.into_inner().replies.into_iter();
                         for w in waiters {
                             let reply = match replies.next() {
@@ -169,6 +192,11 @@ pub struct Transport {
     /// Snapshots are streamed from here.
     store: Arc<ChunkStore>,
     groups: u32,
+    /// When the transport started: the origin of `Peer::answered`.
+    epoch: Instant,
+    /// Bytes of chunk group state streamed to other replicas, and received (metrics).
+    pub snapshot_sent_bytes: AtomicU64,
+    pub snapshot_received_bytes: AtomicU64,
 }
 
 impl Transport {
@@ -179,9 +207,10 @@ impl Transport {
         groups: u32,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let mut peers = HashMap::new();
+        let epoch = Instant::now();
         for (id, address) in nodes {
             if *id != node_id {
-                peers.insert(*id, Arc::new(Peer::start(node_id, *id, address)?));
+                peers.insert(*id, Arc::new(Peer::start(node_id, *id, address, epoch)?));
             }
         }
         Ok(Arc::new(Self {
@@ -190,6 +219,9 @@ impl Transport {
             isolated: RwLock::default(),
             store,
             groups,
+            epoch,
+            snapshot_sent_bytes: AtomicU64::new(0),
+            snapshot_received_bytes: AtomicU64::new(0),
         }))
     }
 
@@ -198,7 +230,7 @@ impl Transport {
         if id == self.node_id || self.peers.read().contains_key(&id) {
             return;
         }
-        match Peer::start(self.node_id, id, address) {
+        match Peer::start(self.node_id, id, address, self.epoch) {
             Ok(p) => {
                 self.peers.write().entry(id).or_insert_with(|| Arc::new(p));
             }
@@ -223,6 +255,14 @@ impl Transport {
 
     pub fn is_isolated(&self, node: u64) -> bool {
         self.isolated.read().contains(&node)
+    }
+
+    /// How long node `id` has not answered a Raft batch (since the transport started if it
+    /// never did); `None` for a node this transport has no connection to.
+    pub fn silent_for(&self, id: u64) -> Option<Duration> {
+        let peer = self.peer(id)?;
+        let at = Duration::from_millis(peer.answered.load(Ordering::Relaxed));
+        Some(self.epoch.elapsed().saturating_sub(at))
     }
 
     /// Sends one message to `to` and waits (at most `ttl`) for its reply payload.
@@ -347,6 +387,7 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         let first = v1::SnapshotPart { from, group, header: header.into(), ..Default::default() };
         let _ = part_tx.send(first).await;
         let (store, groups) = (t.store.clone(), t.groups);
+        let transport = t.clone();
         let produce =
             tokio::spawn(
                 async move { snapshot::stream_group(&store, group, groups, rec_tx).await },
@@ -357,6 +398,7 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
             let mut record_bytes = 0u64;
             while let Some(records) = rec_rx.recv().await {
                 record_bytes += records.len() as u64;
+                transport.snapshot_sent_bytes.fetch_add(records.len() as u64, Ordering::Relaxed);
                 let part =
                     v1::SnapshotPart { from, group, records: records.into(), ..Default::default() };
                 if part_tx.send(part).await.is_err() {
@@ -506,6 +548,10 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
             while let Some(part) = inbound.message().await? {
                 if !part.records.is_empty() {
                     bytes += part.records.len() as u64;
+                    self.cluster
+                        .transport()
+                        .snapshot_received_bytes
+                        .fetch_add(part.records.len() as u64, Ordering::Relaxed);
                     snapshot::write_part(&mut file, &part.records)
                         .map_err(|e| Status::internal(format!("staging a snapshot: {e}")))?;
                 }
