@@ -32,6 +32,8 @@ pub struct Cluster {
     node_args: Vec<String>,
     /// Where the frontend serves `/metrics` (clusters started with metrics only).
     pub frontend_metrics: Option<SocketAddr>,
+    /// Nodes take their membership from these volume managers (no `--cluster`).
+    managers: Option<String>,
 }
 
 /// A free port on `ip`.
@@ -67,7 +69,23 @@ impl Cluster {
         Self::launch(groups, &[], true)
     }
 
+    /// Three nodes that register with the volume managers at `managers` (HOST:PORT,...) and
+    /// take their membership from them (the managers' `--groups` must be `groups`), and a
+    /// frontend.
+    pub fn start_managed(groups: u32, managers: &str) -> Self {
+        Self::launch_with(groups, &[], false, Some(managers.to_string()))
+    }
+
     fn launch(groups: u32, node_args: &[&str], metrics: bool) -> Self {
+        Self::launch_with(groups, node_args, metrics, None)
+    }
+
+    fn launch_with(
+        groups: u32,
+        node_args: &[&str],
+        metrics: bool,
+        managers: Option<String>,
+    ) -> Self {
         let dir = tempfile::Builder::new().prefix("tern-cluster-").tempdir_in(test_root()).unwrap();
         let nodes = (1..=3u64)
             .map(|i| {
@@ -94,9 +112,25 @@ impl Cluster {
             groups,
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             frontend_metrics: metrics_addr_on(ip, metrics),
+            managers,
         };
-        for i in 0..3 {
-            c.start_node(i);
+        if c.managers.is_some() {
+            // A managed node opens its port once the managers formed the cluster, which
+            // takes all three: start them together, then wait.
+            for i in 0..3 {
+                let cmd = c.node_command(i);
+                let log = format!("node{}", c.nodes[i].id);
+                c.nodes[i].child = Some(crate::spawn_daemon_nowait(c.dir.path(), &log, cmd));
+            }
+            for n in &c.nodes {
+                if !crate::wait_port(n.addr, Duration::from_secs(30)) {
+                    panic!("node{} did not come up\n{}", n.id, c.logs());
+                }
+            }
+        } else {
+            for i in 0..3 {
+                c.start_node(i);
+            }
         }
         c.wait_leaders(Duration::from_secs(30));
         c.start_frontend();
@@ -116,24 +150,38 @@ impl Cluster {
     pub fn start_node(&mut self, i: usize) {
         assert!(self.nodes[i].child.is_none(), "node {i} already running");
         let n = &self.nodes[i];
+        let cmd = self.node_command(i);
+        let child =
+            spawn_daemon(self.dir.path(), &format!("node{}", n.id), cmd, n.addr, || self.logs());
+        self.nodes[i].child = Some(child);
+        self.nodes[i].stopped = false;
+    }
+
+    fn node_command(&self, i: usize) -> Command {
+        let n = &self.nodes[i];
         let mut cmd = Command::new(bin("tern-storage-node"));
         cmd.args(["--listen", &n.addr.to_string()])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node{}", n.id)))
             .args(["--node-id", &n.id.to_string(), "--datacenter", &n.datacenter])
-            .args(["--cluster", &self.members(), "--groups", &self.groups.to_string()])
             .arg("--fault-injection")
             .args(&self.node_args);
-        if i >= 3 {
-            cmd.arg("--join");
+        match &self.managers {
+            // The managers say whether it is a member or a spare.
+            Some(m) => {
+                cmd.args(["--manager", m]);
+            }
+            None => {
+                cmd.args(["--cluster", &self.members(), "--groups", &self.groups.to_string()]);
+                if i >= 3 {
+                    cmd.arg("--join");
+                }
+            }
         }
         if let Some(m) = n.metrics_addr {
             cmd.args(["--metrics-listen", &m.to_string()]);
         }
-        let child =
-            spawn_daemon(self.dir.path(), &format!("node{}", n.id), cmd, n.addr, || self.logs());
-        self.nodes[i].child = Some(child);
-        self.nodes[i].stopped = false;
+        cmd
     }
 
     /// Starts a new node in datacenter `dc` (1-based), outside the original members, to

@@ -91,10 +91,19 @@ pub fn text(o: &Output) -> String {
 pub fn spawn_daemon(
     dir: &Path,
     log: &str,
-    mut cmd: Command,
+    cmd: Command,
     addr: SocketAddr,
     logs: impl Fn() -> String,
 ) -> Child {
+    let child = spawn_daemon_nowait(dir, log, cmd);
+    if !wait_port(addr, Duration::from_secs(20)) {
+        panic!("{log} did not come up\n{}", logs());
+    }
+    child
+}
+
+/// Spawns a daemon logging to `<dir>/<log>.log`, without waiting for it.
+pub fn spawn_daemon_nowait(dir: &Path, log: &str, mut cmd: Command) -> Child {
     let file = || {
         std::fs::OpenOptions::new()
             .create(true)
@@ -102,17 +111,12 @@ pub fn spawn_daemon(
             .open(dir.join(format!("{log}.log")))
             .unwrap()
     };
-    let child = cmd
-        .env("RUST_LOG", "info")
+    cmd.env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(file())
         .stderr(file())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {log}: {e}"));
-    if !wait_port(addr, Duration::from_secs(20)) {
-        panic!("{log} did not come up\n{}", logs());
-    }
-    child
+        .unwrap_or_else(|e| panic!("spawn {log}: {e}"))
 }
 
 /// The last 40 lines of each `<dir>/<name>.log`, after any panic message in it (a backtrace

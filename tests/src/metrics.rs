@@ -4,7 +4,7 @@
 //! and a database in the test's directory and a free loopback port (never the package's
 //! service).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -247,6 +247,71 @@ pub fn percent_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+pub fn dashboard_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/tern-dashboard.json")
+}
+
+/// Every query of the Grafana dashboard, with its variables set to "everything".
+pub fn dashboard_queries() -> Vec<String> {
+    let path = dashboard_path();
+    let raw = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let d: serde_json::Value = serde_json::from_str(&raw)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    assert_eq!(d["__inputs"][0]["name"], "DS_PROMETHEUS", "the datasource is an input");
+    let mut queries = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "panel {}", p["title"]);
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().expect("expr");
+            queries.push(expr.replace("$__rate_interval", "30s").replace("$volume", ".*"));
+        }
+    }
+    assert!(queries.len() >= 15, "the dashboard lost panels: {queries:?}");
+    queries
+}
+
+/// The metric names a page declares (`# TYPE`), histograms with their series' suffixes.
+pub fn declared(page: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for l in page.lines() {
+        let mut w = l.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (w.next(), w.next(), w.next(), w.next())
+        {
+            out.insert(name.to_string());
+            if kind == "histogram" {
+                for s in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{name}{s}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The dashboard queries only metrics the daemons export (those of its names starting with
+/// one of `prefixes`: the daemons `pages` come from), and each query is valid PromQL that
+/// Prometheus evaluates.
+pub fn check_dashboard(p: &Prometheus, pages: &[String], prefixes: &[&str]) {
+    let known: BTreeSet<String> = pages.iter().flat_map(|p| declared(p)).collect();
+    for q in dashboard_queries() {
+        for name in q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if prefixes.iter().any(|pre| name.starts_with(pre)) {
+                assert!(
+                    known.contains(name),
+                    "the dashboard queries {name}, which no daemon exports"
+                );
+            }
+        }
+        p.query_data(&q);
+    }
 }
 
 #[cfg(test)]

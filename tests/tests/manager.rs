@@ -278,18 +278,22 @@ print("OK")
 /// state; promtool accepts every page.
 #[test]
 fn prometheus_scrapes_the_managers() {
-    use tern_tests::metrics::{must_pass_promtool, must_scrape, sample, Prometheus};
+    use tern_tests::metrics::{
+        check_dashboard, must_pass_promtool, must_scrape, sample, Prometheus,
+    };
     tern_tests::require_tool("prometheus");
     tern_tests::require_tool("promtool");
     let (m, _c) = deployment("10");
     m.must_tern(&["volume", "create", "seen", "--size", "64M"]);
     m.must_tern(&["volume", "attach", "seen", "--host", "hv1"]);
     let mut leaders = 0.0;
+    let mut pages = Vec::new();
     for r in &m.replicas {
         let page = must_scrape(r.metrics);
         must_pass_promtool(&format!("manager {}", r.id), &page);
         leaders += sample(&page, "tern_manager_is_leader").expect("is_leader");
         assert!(sample(&page, "tern_manager_raft_term").unwrap() >= 1.0, "{page}");
+        pages.push(page);
     }
     assert_eq!(leaders, 1.0, "exactly one manager leads");
     let targets: Vec<(String, std::net::SocketAddr)> =
@@ -314,4 +318,62 @@ fn prometheus_scrapes_the_managers() {
     p.wait_for("capacity", "tern_manager_capacity_bytes", Duration::from_secs(30), |s| {
         s.len() == 1 && s[0].value > 0.0
     });
+    // The dashboard's manager panels query what the managers export.
+    check_dashboard(&p, &pages, &["tern_manager_"]);
+}
+
+/// The managers keep the storage cluster whole: a drained member's replicas move to a spare
+/// of its datacenter, and so do a lost member's once it has been down for a while; I/O goes
+/// on throughout and the data stays.
+#[test]
+fn drained_and_lost_nodes_move_to_spares_of_their_datacenter() {
+    let m =
+        Managers::start(&["--node-down-after", "2", "--replace-down-after", "3", "--groups", "8"]);
+    let mut c = Cluster::start_managed(8, &m.addrs());
+    m.must_tern(&["volume", "create", "data", "--size", "1G"]);
+    let uri = c.uri("data");
+    let io = |cmds: &[&str]| {
+        let mut args = vec!["-f", "raw", uri.as_str()];
+        for cmd in cmds {
+            args.extend(["-c", cmd]);
+        }
+        let o = tern_tests::run(60, "qemu-io", &args);
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success() && !out.contains("fail"), "qemu-io {cmds:?}\n{}", text(&o));
+    };
+    // Data in every chunk group (away from the workload's blocks, at multiples of 4 MiB).
+    let writes: Vec<String> =
+        (0..16).map(|i| format!("write -P {} {}M 1M", i + 1, i * 64 + 2)).collect();
+    io(&writes.iter().map(String::as_str).collect::<Vec<_>>());
+
+    c.add_node(4, 3);
+    c.add_node(5, 2);
+    let role = |v: &serde_json::Value, id: u64| {
+        v.as_array().unwrap().iter().find(|n| n["id"] == id).map(|n| n["member"] == true)
+    };
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "two spares", |v| {
+        role(v, 4) == Some(false) && role(v, 5) == Some(false)
+    });
+
+    let w = Workload::start(c.dir.path(), &uri, "data", 25, || c.logs());
+    m.must_tern(&["node", "drain", "3"]);
+    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 4 replaced node 3", |v| {
+        role(v, 4) == Some(true) && role(v, 3) == Some(false)
+    });
+    let s = m.json(&["cluster", "status"]);
+    assert!(s["moving"].is_null(), "{s}");
+
+    c.kill9(1); // node 2
+    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 5 replaced node 2", |v| {
+        role(v, 5) == Some(true) && role(v, 2) == Some(false)
+    });
+    let (ok, report) = w.finish();
+    assert!(ok, "I/O failed while nodes moved\n{report}\n{}", c.logs());
+
+    // Everything written before is still there, now served by nodes 1, 4 and 5.
+    let reads: Vec<String> =
+        (0..16).map(|i| format!("read -P {} {}M 1M", i + 1, i * 64 + 2)).collect();
+    io(&reads.iter().map(String::as_str).collect::<Vec<_>>());
+    let status = m.json(&["cluster", "status"]);
+    assert_eq!(status["groups"]["healthy"], 8, "{status}");
 }

@@ -4,13 +4,14 @@
 //! dashboard's queries run against it. Needs `prometheus` and `promtool` (Debian's
 //! `prometheus` package, installed by `scripts/install-deps --tests`): missing, the tests fail.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tern_tests::cluster::Cluster;
-use tern_tests::metrics::{http_get, must_pass_promtool, must_scrape, sample, Prometheus, Sample};
+use tern_tests::metrics::{
+    check_dashboard, dashboard_queries, http_get, must_pass_promtool, must_scrape, sample,
+    Prometheus, Sample,
+};
 use tern_tests::{require_tool, run, text, Deployment};
 
 const MIB: f64 = (1 << 20) as f64;
@@ -64,70 +65,6 @@ fn wait_health(p: &Prometheus, what: &str, healthy: f64, degraded: f64) {
         let of = |h: &str| s.iter().find(|x| x.labels["health"] == h).map(|x| x.value);
         of("healthy") == Some(healthy) && of("degraded") == Some(degraded)
     });
-}
-
-fn dashboard_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/tern-dashboard.json")
-}
-
-/// Every query of the Grafana dashboard, with its variables set to "everything".
-fn dashboard_queries() -> Vec<String> {
-    let path = dashboard_path();
-    let raw = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let d: serde_json::Value = serde_json::from_str(&raw)
-        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-    assert_eq!(d["__inputs"][0]["name"], "DS_PROMETHEUS", "the datasource is an input");
-    let mut queries = Vec::new();
-    for p in d["panels"].as_array().expect("panels") {
-        if p["type"] == "row" {
-            continue;
-        }
-        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "panel {}", p["title"]);
-        let targets = p["targets"].as_array().expect("targets");
-        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
-        for t in targets {
-            let expr = t["expr"].as_str().expect("expr");
-            queries.push(expr.replace("$__rate_interval", "30s").replace("$volume", ".*"));
-        }
-    }
-    assert!(queries.len() >= 15, "the dashboard lost panels: {queries:?}");
-    queries
-}
-
-/// The metric names a page declares (`# TYPE`), histograms with their series' suffixes.
-fn declared(page: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for l in page.lines() {
-        let mut w = l.split_whitespace();
-        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
-            (w.next(), w.next(), w.next(), w.next())
-        {
-            out.insert(name.to_string());
-            if kind == "histogram" {
-                for s in ["_bucket", "_sum", "_count"] {
-                    out.insert(format!("{name}{s}"));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The dashboard queries only metrics the daemons export, and each query is valid PromQL
-/// that Prometheus evaluates.
-fn check_dashboard(p: &Prometheus, pages: &[String]) {
-    let known: BTreeSet<String> = pages.iter().flat_map(|p| declared(p)).collect();
-    for q in dashboard_queries() {
-        for name in q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if name.starts_with("tern_") {
-                assert!(
-                    known.contains(name),
-                    "the dashboard queries {name}, which no daemon exports"
-                );
-            }
-        }
-        p.query_data(&q);
-    }
 }
 
 #[test]
@@ -205,7 +142,7 @@ fn prometheus_scrapes_a_cluster_and_its_frontend() {
     assert_eq!(one(&p.query("sum(tern_storage_node_checksum_errors_total)")), 0.0);
     assert_eq!(one(&p.query("sum(tern_storage_node_rebuild_active)")), 0.0);
 
-    check_dashboard(&p, &pages);
+    check_dashboard(&p, &pages, &["tern_storage_node_", "tern_frontend_"]);
 
     // A node dies: its target goes down, the others take its groups over and judge them
     // degraded (a voter is missing), leader changes are counted, and the frontend retries.

@@ -30,6 +30,10 @@ struct Args {
     /// A storage node silent this long (seconds) is marked down.
     #[arg(long, default_value_t = 10)]
     node_down_after: u64,
+    /// A storage cluster member down this long (seconds) has its replicas moved to a spare
+    /// node of its datacenter (0: never; draining a node moves them at once).
+    #[arg(long, default_value_t = 60)]
+    replace_down_after: u64,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (none without it).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<SocketAddr>,
@@ -70,6 +74,10 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
         let m = tern_volume_manager::start(args.node_id, &args.peers, &args.data_dir, args.groups).await?;
         tokio::spawn(monitor::watch_nodes(m.clone(), Duration::from_secs(args.node_down_after)));
+        tokio::spawn(monitor::keep_cluster_whole(
+            m.clone(),
+            Duration::from_secs(args.replace_down_after),
+        ));
         if let Some(addr) = args.metrics_listen {
             let registry = tern_volume_manager::metrics::registry(m.clone())?;
             tern_common::metrics::spawn(addr, registry)

@@ -49,7 +49,7 @@ pub struct Manager {
     admin: tokio::sync::Mutex<()>,
 }
 
-fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -216,6 +216,7 @@ impl Manager {
 
     fn node_to_wire(&self, n: &NodeRecord) -> v1::StorageNode {
         let seen = self.seen.lock().get(&n.id).copied();
+        let member = self.state.read().cluster.as_ref().is_some_and(|c| c.members.contains(&n.id));
         v1::StorageNode {
             id: n.id,
             address: n.address.clone(),
@@ -225,6 +226,7 @@ impl Manager {
             used_bytes: seen.map_or(0, |s| s.used),
             registered_at: n.registered_at,
             heartbeat_age_ms: seen.map(|s| s.at.elapsed().as_millis() as u64),
+            member,
         }
     }
 
@@ -435,7 +437,17 @@ impl Manager {
             d.capacity_bytes += n.capacity_bytes;
             d.used_bytes += n.used_bytes;
         }
+        let moving = self.state.read().moving.clone().map(|mv| v1::NodeMove {
+            old: mv.old,
+            new: mv.new,
+            reason: match mv.reason {
+                crate::state::MoveReason::Drain => "drain".into(),
+                crate::state::MoveReason::Down => "down".into(),
+            },
+            started_at: mv.started_at,
+        });
         let mut out = v1::ClusterStatusResponse {
+            moving,
             managers,
             leader: m.current_leader.unwrap_or(0),
             term: m.current_term,
@@ -448,7 +460,12 @@ impl Manager {
         let addrs = self.storage_addresses();
         match storage::cluster_map(&addrs).await {
             Ok(map) => {
-                let members: Vec<u64> = map.nodes.iter().map(|n| n.id).collect();
+                // The members as this manager placed them (the map also lists nodes that
+                // used to be members).
+                let members: Vec<u64> = match &self.state.read().cluster {
+                    Some(c) => c.members.clone(),
+                    None => map.nodes.iter().map(|n| n.id).collect(),
+                };
                 let replica_down = members.iter().any(|id| down.contains(id));
                 let rebuilding = storage::groups_rebuilding(&addrs).await;
                 out.groups = map.groups;

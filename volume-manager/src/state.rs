@@ -62,8 +62,27 @@ pub struct State {
     /// The last fencing generation issued per volume (kept after a detach, so a generation is
     /// never issued twice for a volume).
     pub generations: BTreeMap<u64, u64>,
-    /// The storage cluster's original members and chunk groups, chosen once.
+    /// The storage cluster's members and chunk groups, chosen once; members change only by
+    /// a finished move.
     pub cluster: Option<StorageCluster>,
+    /// The node whose replicas are being moved to a spare, if any (one at a time).
+    pub moving: Option<Move>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveReason {
+    /// An operator drained the node.
+    Drain,
+    /// It was down longer than the manager waits (`--replace-down-after`).
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub old: u64,
+    pub new: u64,
+    pub reason: MoveReason,
+    pub started_at: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +125,13 @@ pub enum Cmd {
     },
     /// Fixes the storage cluster's members and chunk groups (refused once set).
     FormCluster(StorageCluster),
+    /// Starts moving a member's replicas to a spare of its datacenter.
+    StartMove(Move),
+    /// The move is done: the spare takes the old node's place among the members.
+    FinishMove {
+        old: u64,
+        new: u64,
+    },
 }
 
 /// What a command did, or why it was refused (the same on every replica).
@@ -302,6 +328,50 @@ impl State {
                 self.cluster = Some(c.clone());
                 Ok(Reply::Cluster(c))
             }
+            Cmd::StartMove(mv) => {
+                if let Some(cur) = &self.moving {
+                    if *cur == mv {
+                        return Ok(Reply::Done);
+                    }
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "node {} is being moved to node {} already",
+                        cur.old, cur.new
+                    )));
+                }
+                let cluster = self.cluster.as_ref().ok_or_else(|| {
+                    Refusal::FailedPrecondition("the storage cluster is not formed yet".into())
+                })?;
+                if !cluster.members.contains(&mv.old) || cluster.members.contains(&mv.new) {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "moving node {} to node {}: the first must be a member, the second a spare",
+                        mv.old, mv.new
+                    )));
+                }
+                let dc = |id: u64| self.nodes.get(&id).map(|n| n.datacenter.clone());
+                if dc(mv.old).is_none() || dc(mv.old) != dc(mv.new) {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "node {} and node {} are not in one datacenter",
+                        mv.old, mv.new
+                    )));
+                }
+                self.moving = Some(mv);
+                Ok(Reply::Done)
+            }
+            Cmd::FinishMove { old, new } => {
+                match &self.moving {
+                    Some(cur) if cur.old == old && cur.new == new => {}
+                    _ => return Ok(Reply::Done),
+                }
+                self.moving = None;
+                if let Some(c) = self.cluster.as_mut() {
+                    for m in c.members.iter_mut() {
+                        if *m == old {
+                            *m = new;
+                        }
+                    }
+                }
+                Ok(Reply::Done)
+            }
             Cmd::Detach { volume_id, host } => match self.attachments.get(&volume_id) {
                 None => Ok(Reply::Done),
                 Some(a) if a.host == host => {
@@ -375,6 +445,28 @@ mod tests {
         assert!(matches!(s.apply(form(vec![1, 3])), Reply::Cluster(c) if c.members == vec![1, 3]));
         // Once formed, it stays.
         assert!(matches!(s.apply(form(vec![2, 3])), Reply::Cluster(c) if c.members == vec![1, 3]));
+    }
+
+    #[test]
+    fn a_move_puts_a_spare_of_the_same_datacenter_in_a_members_place() {
+        let mut s = State::default();
+        for (id, dc) in [(1, "dc1"), (2, "dc2"), (3, "dc3"), (4, "dc3"), (5, "dc1")] {
+            s.apply(reg(id, &format!("a:{id}"), dc));
+        }
+        let mv = |old, new| Move { old, new, reason: MoveReason::Drain, started_at: 1 };
+        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 4))), Reply::Refused(_)), "no cluster yet");
+        s.apply(Cmd::FormCluster(StorageCluster { members: vec![1, 2, 3], groups: 4 }));
+        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 5))), Reply::Refused(_)), "other dc");
+        assert!(matches!(s.apply(Cmd::StartMove(mv(4, 3))), Reply::Refused(_)), "not a member");
+        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4))), Reply::Done);
+        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4))), Reply::Done, "idempotent");
+        assert!(matches!(s.apply(Cmd::StartMove(mv(1, 5))), Reply::Refused(_)), "one at a time");
+        // A stale finish changes nothing; the right one swaps the member.
+        assert_eq!(s.apply(Cmd::FinishMove { old: 1, new: 5 }), Reply::Done);
+        assert_eq!(s.cluster.as_ref().unwrap().members, vec![1, 2, 3]);
+        assert_eq!(s.apply(Cmd::FinishMove { old: 3, new: 4 }), Reply::Done);
+        assert_eq!(s.cluster.as_ref().unwrap().members, vec![1, 2, 4]);
+        assert!(s.moving.is_none());
     }
 
     #[test]

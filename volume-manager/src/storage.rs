@@ -123,6 +123,23 @@ pub async fn fence_volume(addresses: &[String], id: u64, generation: u64) -> Res
     .await
 }
 
+/// Asks the storage node at `address` to move every replica of `old` to `new` (it drives the
+/// move; asking again resumes, skipping groups already moved). Returns its progress.
+pub async fn replace_node(
+    address: &str,
+    old: u64,
+    new: v1::NodeInfo,
+) -> Result<v1::ReplacementStatus, Status> {
+    let req = v1::ReplaceNodeRequest { old, new: Some(new) };
+    Ok(ClusterClient::new(channel(address)?).replace_node(req).await?.into_inner())
+}
+
+/// The progress of the replacement the storage node at `address` drives.
+pub async fn replacement(address: &str) -> Result<v1::ReplacementStatus, Status> {
+    let req = v1::GetReplacementRequest {};
+    Ok(ClusterClient::new(channel(address)?).get_replacement(req).await?.into_inner())
+}
+
 /// Groups being moved by a replacement some node drives, summed over `addresses`.
 pub async fn groups_rebuilding(addresses: &[String]) -> u32 {
     let mut n = 0;

@@ -335,7 +335,7 @@ fn node_json(n: &v1::StorageNode) -> serde_json::Value {
         "id": n.id, "address": n.address, "datacenter": n.datacenter,
         "state": node_state(n.state), "capacity_bytes": n.capacity_bytes,
         "used_bytes": n.used_bytes, "registered_at": n.registered_at,
-        "heartbeat_age_ms": n.heartbeat_age_ms,
+        "heartbeat_age_ms": n.heartbeat_age_ms, "member": n.member,
     })
 }
 
@@ -347,6 +347,7 @@ fn node_rows(ns: &[v1::StorageNode]) -> Vec<Vec<String>> {
                 n.address.clone(),
                 n.datacenter.clone(),
                 node_state(n.state).to_string(),
+                if n.member { "member" } else { "spare" }.to_string(),
                 format_size(n.capacity_bytes),
                 format_size(n.used_bytes),
                 n.heartbeat_age_ms.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1e3)),
@@ -355,7 +356,8 @@ fn node_rows(ns: &[v1::StorageNode]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const NODE_HEADER: [&str; 7] = ["ID", "ADDRESS", "DC", "STATE", "CAPACITY", "USED", "HEARD"];
+const NODE_HEADER: [&str; 8] =
+    ["ID", "ADDRESS", "DC", "STATE", "ROLE", "CAPACITY", "USED", "HEARD"];
 
 fn show_nodes(json: bool, ns: &[v1::StorageNode]) {
     if json {
@@ -417,6 +419,9 @@ fn show_cluster(json: bool, s: &v1::ClusterStatusResponse) {
                 "groups": {"total": s.groups, "healthy": s.groups_healthy,
                            "degraded": s.groups_degraded, "rebuilding": s.groups_rebuilding},
                 "storage_error": s.storage_error,
+                "moving": s.moving.as_ref().map(|mv| serde_json::json!({
+                    "old": mv.old, "new": mv.new, "reason": mv.reason, "started_at": mv.started_at,
+                })),
             })
         );
         return;
@@ -455,6 +460,9 @@ fn show_cluster(json: bool, s: &v1::ClusterStatusResponse) {
         );
     } else {
         println!("chunk groups: unknown ({})", s.storage_error);
+    }
+    if let Some(mv) = &s.moving {
+        println!("moving: node {} -> node {} ({})", mv.old, mv.new, mv.reason);
     }
     println!("volumes: {}, attachments: {}", s.volumes, s.attachments);
 }
