@@ -18,9 +18,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: SocketAddr,
     /// gRPC endpoints of the storage nodes, separated by commas. One is enough: the others of a
-    /// cluster are learned from it; more are tried in order when the first is down.
-    #[arg(long, env = "TERN_STORAGE", default_value = "http://127.0.0.1:7700")]
-    storage: String,
+    /// cluster are learned from it; more are tried in order when the first is down. Default:
+    /// the storage cluster's members as the volume manager (--manager) knows them, or else
+    /// http://127.0.0.1:7700.
+    #[arg(long, env = "TERN_STORAGE")]
+    storage: Option<String>,
     /// Volume manager replicas (gRPC endpoints, comma-separated): when given, every export is
     /// attached to this host (--host) through the manager before it is served, and writes
     /// carry the attachment's fencing generation.
@@ -46,10 +48,47 @@ fn main() -> anyhow::Result<()> {
     rt.enable_all().build().context("starting the tokio runtime")?.block_on(run(args))
 }
 
+/// The storage cluster's members as the volume manager knows them, as `http://` endpoints;
+/// waits until the manager knows some (it forms the cluster once three datacenters have
+/// nodes up).
+async fn storage_from_manager(managers: &str) -> String {
+    use tern_proto::v1::{manager_client::ManagerClient, ListNodesRequest};
+    let mut tries = 0u32;
+    loop {
+        for m in managers.split(',').map(str::trim) {
+            let uri = if m.contains("://") { m.to_string() } else { format!("http://{m}") };
+            let Ok(ep) = tonic::transport::Endpoint::from_shared(uri) else { continue };
+            let ch = ep.connect_timeout(std::time::Duration::from_secs(1)).connect_lazy();
+            if let Ok(r) = ManagerClient::new(ch).list_nodes(ListNodesRequest {}).await {
+                let members: Vec<String> = r
+                    .into_inner()
+                    .nodes
+                    .into_iter()
+                    .filter(|n| n.member)
+                    .map(|n| format!("http://{}", n.address))
+                    .collect();
+                if !members.is_empty() {
+                    return members.join(",");
+                }
+            }
+        }
+        if tries % 10 == 0 {
+            info!(%managers, "waiting for the volume manager to know the storage cluster");
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     tern_common::init_logging();
+    let storage = match (&args.storage, &args.manager) {
+        (Some(s), _) => s.clone(),
+        (None, Some(m)) => storage_from_manager(m).await,
+        (None, None) => "http://127.0.0.1:7700".to_string(),
+    };
     let backend = match &args.manager {
-        None => GrpcBackend::connect_lazy(&args.storage),
+        None => GrpcBackend::connect_lazy(&storage),
         Some(managers) => {
             let host = match &args.host {
                 Some(h) => h.clone(),
@@ -59,10 +98,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             anyhow::ensure!(!host.is_empty(), "--host must not be empty");
             info!(%host, %managers, "attaching exports through the volume manager");
-            GrpcBackend::connect_lazy_attaching(&args.storage, managers, &host)
+            GrpcBackend::connect_lazy_attaching(&storage, managers, &host)
         }
     }
-    .with_context(|| format!("invalid storage endpoint in {:?}", args.storage))?;
+    .with_context(|| format!("invalid storage endpoint in {storage:?}"))?;
     let metrics = Metrics::new();
     backend.register_metrics(metrics.registry()).context("registering the backend's metrics")?;
     if let Some(addr) = args.metrics_listen {
@@ -72,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    info!(storage = %args.storage, "listening on {}", listener.local_addr()?);
+    info!(%storage, "listening on {}", listener.local_addr()?);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
         result = serve(listener, backend, ServerOptions { metrics, ..ServerOptions::default() }) => {
