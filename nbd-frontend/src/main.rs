@@ -72,7 +72,7 @@ async fn storage_from_manager(managers: &str) -> String {
                 }
             }
         }
-        if tries % 10 == 0 {
+        if tries.is_multiple_of(10) {
             info!(%managers, "waiting for the volume manager to know the storage cluster");
         }
         tries += 1;
