@@ -356,10 +356,10 @@ fn drained_and_lost_nodes_move_to_spares_of_their_datacenter() {
     });
 
     let w = Workload::start(c.dir.path(), &uri, "data", 25, || c.logs());
-    m.must_tern(&["node", "drain", "3"]);
-    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 4 replaced node 3", |v| {
-        role(v, 4) == Some(true) && role(v, 3) == Some(false)
-    });
+    let out = m.must_tern(&["node", "drain", "3", "--wait"]);
+    assert!(out.contains("node 3 drained"), "{out}");
+    let v = m.json(&["node", "list"]);
+    assert_eq!((role(&v, 4), role(&v, 3)), (Some(true), Some(false)), "{v}");
     let s = m.json(&["cluster", "status"]);
     assert!(s["moving"].is_null(), "{s}");
 

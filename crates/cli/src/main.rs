@@ -128,8 +128,13 @@ enum NodeCmd {
     Status,
     /// List the storage nodes registered with the manager.
     List,
-    /// Mark a node draining: its replicas are to move to other nodes of its datacenter.
-    Drain { id: u64 },
+    /// Drain a node: the manager moves its replicas to a spare node of its datacenter.
+    Drain {
+        id: u64,
+        /// Show progress until the node holds no replicas.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Cancel a drain.
     Undrain { id: u64 },
     /// Mark a node removed for good (its id is never reused).
@@ -386,6 +391,42 @@ fn show_attachments(json: bool, atts: &[v1::Attachment]) {
     }
 }
 
+/// Polls the cluster status until node `id` is no longer a member, showing the move.
+async fn wait_drained(mgr: &mut ManagerClient<Channel>, json: bool, id: u64) -> Result<(), Fail> {
+    let started = std::time::Instant::now();
+    loop {
+        let s = mgr.cluster_status(v1::ClusterStatusRequest {}).await?.into_inner();
+        let member = s.nodes.iter().find(|n| n.id == id).is_some_and(|n| n.member);
+        if !member {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "drained": id, "seconds": started.elapsed().as_secs_f64() })
+                );
+            } else {
+                println!("node {id} drained in {:.1} s", started.elapsed().as_secs_f64());
+            }
+            return Ok(());
+        }
+        if !json {
+            match &s.moving {
+                Some(mv) if mv.old == id => println!(
+                    "moving node {} -> node {}: {} chunk groups still moving ({:.0} s)",
+                    mv.old,
+                    mv.new,
+                    s.groups_rebuilding,
+                    started.elapsed().as_secs_f64()
+                ),
+                _ => println!(
+                    "waiting for a spare node in node {id}'s datacenter ({:.0} s)",
+                    started.elapsed().as_secs_f64()
+                ),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 async fn set_node_state(
     mgr: &mut ManagerClient<Channel>,
     json: bool,
@@ -495,8 +536,11 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let ns = mgr.list_nodes(v1::ListNodesRequest {}).await?.into_inner().nodes;
             show_nodes(json, &ns);
         }
-        Cmd::Node(NodeCmd::Drain { id }) => {
-            set_node_state(&mut mgr, json, id, v1::NodeState::Draining).await?
+        Cmd::Node(NodeCmd::Drain { id, wait }) => {
+            set_node_state(&mut mgr, json, id, v1::NodeState::Draining).await?;
+            if wait {
+                wait_drained(&mut mgr, json, id).await?;
+            }
         }
         Cmd::Node(NodeCmd::Undrain { id }) => {
             set_node_state(&mut mgr, json, id, v1::NodeState::Up).await?
