@@ -167,16 +167,7 @@ fn main() -> anyhow::Result<()> {
         if let Some(link) = link {
             tokio::spawn(link.run());
         }
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down");
-        };
+        let shutdown = tern_common::daemon::shutdown_signal();
         tern_storage_node::serve(
             store,
             args.listen,

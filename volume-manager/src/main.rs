@@ -88,16 +88,7 @@ fn main() -> anyhow::Result<()> {
         let svc = Service(m.clone());
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down");
-        };
+        let shutdown = tern_common::daemon::shutdown_signal();
         let server = tonic::transport::Server::builder()
             .add_service(ManagerRaftServer::new(RaftService { raft: m.raft.clone() }))
             .add_service(ManagerServer::new(svc.clone()))

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "metrics")]
+pub mod daemon;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 
 use std::fmt;
@@ -33,6 +35,22 @@ pub fn chunk_group(volume: u64, chunk: u64, groups: u32) -> u32 {
     assert!(groups > 0, "a cluster has at least one data group");
     let start = volume.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
     1 + (start.wrapping_add(chunk) % u64::from(groups)) as u32
+}
+
+/// A range of log indexes as the half-open `[from, to)` (an empty range when `from >= to`).
+pub fn index_range(range: &impl std::ops::RangeBounds<u64>) -> (u64, u64) {
+    use std::ops::Bound;
+    let from = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(&i) => i.saturating_add(1),
+        Bound::Excluded(&i) => i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (from, to)
 }
 
 /// Every data group holding some chunk of a volume of `size` bytes, in ascending order.
@@ -181,6 +199,16 @@ pub fn init_logging() {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn index_ranges_are_half_open() {
+        assert_eq!(index_range(&(3..7)), (3, 7));
+        assert_eq!(index_range(&(3..=7)), (3, 8));
+        assert_eq!(index_range(&(..)), (0, u64::MAX));
+        assert_eq!(index_range(&(5..)), (5, u64::MAX));
+        let excluded = (std::ops::Bound::Excluded(4), std::ops::Bound::Unbounded);
+        assert_eq!(index_range(&excluded), (5, u64::MAX));
+    }
 
     #[test]
     fn names() {

@@ -5,7 +5,7 @@
 //! are rare (registrations, volume changes, attachments), so the cost does not matter.
 
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -84,16 +84,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let from = match range.start_bound() {
-            Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i + 1,
-            Bound::Unbounded => 0,
-        };
-        let to = match range.end_bound() {
-            Bound::Included(&i) => i.saturating_add(1),
-            Bound::Excluded(&i) => i,
-            Bound::Unbounded => u64::MAX,
-        };
+        let (from, to) = tern_common::index_range(&range);
         let mut out = Vec::new();
         let start = log_key(from);
         for item in self.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
