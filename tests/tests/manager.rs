@@ -70,7 +70,17 @@ fn manager_failover_keeps_the_cli_attachments_and_io_working() {
 #[test]
 fn manager_state_survives_kill9_of_every_replica() {
     let (mut m, _c) = deployment("10");
-    m.must_tern(&["volume", "create", "keep", "--size", "256M", "--label", "tier=gold"]);
+    m.must_tern(&[
+        "volume",
+        "create",
+        "keep",
+        "--size",
+        "256M",
+        "--label",
+        "tier=gold",
+        "--tenant",
+        "acme",
+    ]);
     m.must_tern(&["volume", "attach", "keep", "--host", "hv1"]);
     m.must_tern(&["volume", "attach", "keep", "--host", "hv2", "--takeover"]);
     m.must_tern(&["node", "drain", "2"]);
@@ -84,7 +94,11 @@ fn manager_state_survives_kill9_of_every_replica() {
     let a = attachment(&m, "keep");
     assert_eq!((a["host"].as_str(), a["generation"].as_u64()), (Some("hv2"), Some(2)), "{a}");
     let v = m.json(&["volume", "get", "keep"]);
-    assert_eq!(v["labels"]["tier"], "gold", "{v}");
+    assert_eq!(
+        (v["labels"]["tier"].as_str(), v["tenant"].as_str()),
+        (Some("gold"), Some("acme")),
+        "{v}"
+    );
     let n = m.json(&["node", "list"]);
     assert_eq!(n[1]["state"], "draining", "{n}");
     // Generations are never issued twice, across restarts too.
@@ -157,6 +171,16 @@ fn bad_requests_get_clear_errors_and_exit_codes() {
         let bad_size =
             v1::CreateVolumeRequest { name: "x".into(), size_bytes: 12345, ..Default::default() };
         assert_eq!(admin.create_volume(bad_size).await.unwrap_err().code(), Code::InvalidArgument);
+        let bad_tenant = v1::CreateVolumeRequest {
+            name: "t".into(),
+            size_bytes: 1 << 30,
+            tenant: "a/b".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            admin.create_volume(bad_tenant).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
         let bad_class = v1::CreateVolumeRequest {
             name: "y".into(),
             size_bytes: 1 << 30,

@@ -234,6 +234,11 @@ impl Manager {
 
     async fn create_here(&self, req: v1::CreateVolumeRequest) -> Result<v1::Volume, Status> {
         validate_volume_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A tenant is named like a volume (or empty: none).
+        if !req.tenant.is_empty() {
+            validate_volume_name(&req.tenant)
+                .map_err(|e| Status::invalid_argument(format!("tenant: {e}")))?;
+        }
         validate_volume_size(req.size_bytes)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let class = match v1::StorageClass::try_from(req.storage_class) {

@@ -78,6 +78,9 @@ enum VolumeCmd {
         /// Labels, KEY=VALUE (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// The tenant owning it (default: none).
+        #[arg(long, default_value = "")]
+        tenant: String,
         /// Storage class: `replicated` (three datacenters; the default on a cluster) or
         /// `local` (one copy; the default on a single node).
         #[arg(long, value_enum)]
@@ -566,7 +569,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 mgr.list_attachments(v1::ListAttachmentsRequest {}).await?.into_inner().attachments;
             show_attachments(json, &atts);
         }
-        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class }) => {
+        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class, tenant }) => {
             let storage_class = match class {
                 None => v1::StorageClass::Unspecified,
                 Some(Class::Local) => v1::StorageClass::Local,
@@ -577,7 +580,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 size_bytes: parse_size(&size).map_err(Fail::usage)?,
                 storage_class: storage_class as i32,
                 read_only,
-                tenant: String::new(),
+                tenant,
                 labels: labels.into_iter().collect::<HashMap<_, _>>(),
             };
             let v = c.create_volume(req).await?.into_inner();
