@@ -49,7 +49,8 @@ pub async fn watch_nodes(m: Arc<Manager>, down_after: Duration) {
 
 /// How the leader keeps the storage cluster whole: a member that is draining, or down for
 /// longer than `replace_after`, has its replicas moved to a spare node of its datacenter (a
-/// registered node that is up and not a member), one node at a time. The move itself is the
+/// registered node that is up and not a member; the one with the most free space), one node
+/// at a time. The move itself is the
 /// storage cluster's node replacement (`Cluster.ReplaceNode`), driven by the live member with
 /// the lowest id; the leader asks again every second (which resumes it wherever it stopped,
 /// also after a manager or storage node failover) until it is finished, then records the
@@ -98,15 +99,21 @@ pub async fn keep_cluster_whole(m: Arc<Manager>, replace_after: Duration) {
             }
         });
         let Some((old, reason)) = wanted else { continue };
-        let spare = nodes
-            .values()
-            .filter(|n| {
-                n.datacenter == old.datacenter
-                    && n.state == NodeState::Up
-                    && !cluster.members.contains(&n.id)
-            })
-            .map(|n| n.id)
-            .min();
+        // The spare with the most free space (as its heartbeats tell), then the lowest id.
+        let spare = {
+            let seen = m.seen.lock();
+            let free = |id: u64| seen.get(&id).map_or(0, |s| s.capacity.saturating_sub(s.used));
+            nodes
+                .values()
+                .filter(|n| {
+                    n.datacenter == old.datacenter
+                        && n.state == NodeState::Up
+                        && !cluster.members.contains(&n.id)
+                })
+                .map(|n| (std::cmp::Reverse(free(n.id)), n.id))
+                .min()
+                .map(|(_, id)| id)
+        };
         let Some(new) = spare else {
             if said_no_spare != Some(old.id) {
                 tracing::warn!(
