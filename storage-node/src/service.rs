@@ -647,7 +647,9 @@ impl cluster_server::Cluster for Service {
         if r.generation == 0 {
             return Err(Status::invalid_argument("fencing generations start at 1"));
         }
-        self.store.get(r.volume_id)?;
+        // A volume this node has not learned of yet (its creation is committed but not
+        // applied here) is UNAVAILABLE, so the manager asks another node or again.
+        self.data_volume(Some(v1::IoHeader { volume_id: r.volume_id, epoch: 0, generation: 0 }))?;
         c.fence_volume(r.volume_id, r.generation).await?;
         Ok(Response::new(v1::FenceVolumeReply {}))
     }

@@ -398,6 +398,7 @@ fn drained_and_lost_nodes_move_to_spares_of_their_datacenter() {
     let reads: Vec<String> =
         (0..16).map(|i| format!("read -P {} {}M 1M", i + 1, i * 64 + 2)).collect();
     io(&reads.iter().map(String::as_str).collect::<Vec<_>>());
-    let status = m.json(&["cluster", "status"]);
-    assert_eq!(status["groups"]["healthy"], 8, "{status}");
+    m.wait_json(&["cluster", "status"], Duration::from_secs(20), "all groups healthy", |s| {
+        s["groups"]["healthy"] == 8
+    });
 }

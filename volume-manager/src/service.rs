@@ -185,17 +185,34 @@ impl Manager {
         }
     }
 
-    /// Addresses of the storage nodes that are up, the freshest heartbeat first.
+    /// Addresses of the storage nodes that are up: the storage cluster's members first (a
+    /// former member or a spare holds no replica and knows no leader), each kind by the
+    /// freshest heartbeat first.
     fn storage_addresses(&self) -> Vec<String> {
         let seen = self.seen.lock();
         let st = self.state.read();
+        let member = |id: u64| st.cluster.as_ref().is_none_or(|c| c.members.contains(&id));
         let mut up: Vec<&NodeRecord> = st
             .nodes
             .values()
             .filter(|n| matches!(n.state, NodeState::Up | NodeState::Draining))
             .collect();
-        up.sort_by_key(|n| std::cmp::Reverse(seen.get(&n.id).map(|s| s.at)));
+        up.sort_by_key(|n| (!member(n.id), std::cmp::Reverse(seen.get(&n.id).map(|s| s.at))));
         up.into_iter().map(|n| n.address.clone()).collect()
+    }
+
+    /// Addresses of the members that are up (all up nodes before the cluster is formed).
+    fn member_addresses(&self) -> Vec<String> {
+        let all = self.storage_addresses();
+        let st = self.state.read();
+        let Some(c) = &st.cluster else { return all };
+        let members: Vec<&str> = c
+            .members
+            .iter()
+            .filter_map(|id| st.nodes.get(id))
+            .map(|n| n.address.as_str())
+            .collect();
+        all.into_iter().filter(|a| members.contains(&a.as_str())).collect()
     }
 
     fn find_volume(&self, r: Option<&v1::VolumeRef>) -> Result<VolumeRecord, Status> {
@@ -462,7 +479,8 @@ impl Manager {
             attachments,
             ..Default::default()
         };
-        let addrs = self.storage_addresses();
+        // Only members know the groups' leaders.
+        let addrs = self.member_addresses();
         match storage::cluster_map(&addrs).await {
             Ok(map) => {
                 // The members as this manager placed them (the map also lists nodes that
