@@ -144,7 +144,12 @@ impl GrpcBackend {
         self.inner.metrics.register(registry)
     }
 
+    /// The attachment generation writes to `volume_id` carry (0 without a manager: no lock
+    /// on the data path then).
     fn generation(&self, volume_id: u64) -> u64 {
+        if self.inner.attacher.is_none() {
+            return 0;
+        }
         self.inner.generations.read().get(&volume_id).copied().unwrap_or(0)
     }
 

@@ -165,7 +165,9 @@ fn main() -> anyhow::Result<()> {
             }
         };
         if let Some(link) = link {
-            tokio::spawn(link.run());
+            // Asking for the cluster configuration registered the node already.
+            let registered = args.cluster.is_none();
+            tokio::spawn(link.run(registered));
         }
         let shutdown = tern_common::daemon::shutdown_signal();
         tern_storage_node::serve(

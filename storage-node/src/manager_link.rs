@@ -120,9 +120,10 @@ impl ManagerLink {
         }
     }
 
-    /// Registers, then heartbeats until the process ends.
-    pub async fn run(self) {
-        let mut registered = false;
+    /// Registers (unless `registered` already, e.g. by [`Self::cluster_config`]), then
+    /// heartbeats until the process ends.
+    pub async fn run(self, registered: bool) {
+        let mut registered = registered;
         let mut failures = 0u32;
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

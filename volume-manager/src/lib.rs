@@ -36,7 +36,8 @@ pub async fn start(
     let state = Arc::new(RwLock::new(state::State::default()));
     let sm = StateMachine::open(data_dir, state.clone())?;
     let config = Arc::new(raft::raft_config().validate()?);
-    let raft = raft::Raft::new(id, config, Network::default(), log, sm).await?;
+    let network = Network::default();
+    let raft = raft::Raft::new(id, config, network.clone(), log, sm).await?;
     let lowest = peers.iter().map(|p| p.id).min();
     if lowest == Some(id) && !raft.is_initialized().await? {
         let members: BTreeMap<u64, Member> = peers
@@ -50,5 +51,5 @@ pub async fn start(
             Err(e) => tracing::warn!("initializing the manager group: {e}"),
         }
     }
-    Ok(service::Manager::new(id, groups, raft, state))
+    Ok(service::Manager::new(id, groups, raft, state, network))
 }

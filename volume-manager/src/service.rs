@@ -17,6 +17,7 @@ use tern_proto::v1::{self, manager_client::ManagerClient, volume_admin_client::V
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::raft::network::Network;
 use crate::raft::Raft;
 use crate::state::{
     Attachment, Class, Cmd, NodeRecord, NodeState, Reply, State, StorageCluster, VolumeRecord,
@@ -43,7 +44,11 @@ pub struct Manager {
     pub raft: Raft,
     pub state: Arc<RwLock<State>>,
     pub seen: Arc<Mutex<HashMap<u64, Seen>>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// The Raft network's channels to the other replicas, reused for forwarding.
+    network: Network,
+    /// Volumes whose fence this leader saw committed, with that generation (soft state: a
+    /// new leader pushes a fence again once).
+    fenced: Mutex<HashMap<u64, u64>>,
     /// Serializes volume administration on the leader (each step calls the storage cluster,
     /// then proposes; two creates of one name must not interleave).
     admin: tokio::sync::Mutex<()>,
@@ -113,29 +118,29 @@ fn attachment_to_wire(a: &Attachment, state: &State) -> v1::Attachment {
 }
 
 impl Manager {
-    pub fn new(id: u64, groups: u32, raft: Raft, state: Arc<RwLock<State>>) -> Arc<Self> {
+    pub fn new(
+        id: u64,
+        groups: u32,
+        raft: Raft,
+        state: Arc<RwLock<State>>,
+        network: Network,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id,
             groups,
             raft,
             state,
             seen: Arc::default(),
-            channels: Mutex::default(),
+            network,
+            fenced: Mutex::default(),
             admin: tokio::sync::Mutex::new(()),
         })
     }
 
     fn channel(&self, address: &str) -> Result<Channel, Status> {
-        let mut m = self.channels.lock();
-        if let Some(c) = m.get(address) {
-            return Ok(c.clone());
-        }
-        let c = Channel::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::internal(format!("manager address {address:?}: {e}")))?
-            .connect_timeout(Duration::from_millis(500))
-            .connect_lazy();
-        m.insert(address.to_string(), c.clone());
-        Ok(c)
+        self.network
+            .channel(address)
+            .map_err(|e| Status::internal(format!("manager address {address:?}: {e}")))
     }
 
     /// `None` if this replica leads (handle the call here), else a channel to the leader.
@@ -363,6 +368,29 @@ impl Manager {
             Err(s) => return Err(s),
         }
         self.propose(Cmd::DeleteVolume { id: v.id }).await?;
+        Ok(())
+    }
+
+    /// Commits `a`'s fence in every chunk group of the storage cluster (see `attach`).
+    async fn push_fence(&self, v: &VolumeRecord, a: &Attachment) -> Result<(), Status> {
+        storage::fence_volume(&self.storage_addresses(), v.id, a.generation).await.map_err(
+            |s| {
+                Status::new(
+                    s.code(),
+                    format!(
+                        "volume {:?} is attached to {:?} (generation {}) but not yet fenced on \
+                         the storage nodes; attach again to retry: {}",
+                        v.name,
+                        a.host,
+                        a.generation,
+                        s.message()
+                    ),
+                )
+            },
+        )?;
+        let mut fenced = self.fenced.lock();
+        let g = fenced.entry(v.id).or_insert(0);
+        *g = (*g).max(a.generation);
         Ok(())
     }
 
@@ -735,20 +763,12 @@ impl v1::manager_server::Manager for Service {
         };
         // The attachment is only handed out once every chunk group refuses older
         // generations: the previous host can no longer change the volume. (Again for an
-        // attachment that already existed: an earlier attempt may have failed here.)
-        storage::fence_volume(&m.storage_addresses(), v.id, a.generation).await.map_err(|s| {
-            Status::new(
-                s.code(),
-                format!(
-                    "volume {:?} is attached to {:?} (generation {}) but not yet fenced on the \
-                     storage nodes; attach again to retry: {}",
-                    v.name,
-                    a.host,
-                    a.generation,
-                    s.message()
-                ),
-            )
-        })?;
+        // attachment that already existed, unless this leader saw its fence committed: an
+        // earlier attempt may have failed here. A frontend attaches at every NBD connection.)
+        let confirmed = m.fenced.lock().get(&v.id).is_some_and(|g| *g >= a.generation);
+        if !confirmed {
+            m.push_fence(&v, &a).await?;
+        }
         tracing::info!(volume = %v.name, host = %a.host, generation = a.generation, "volume attached");
         let st = m.state.read();
         Ok(Response::new(attachment_to_wire(&a, &st)))

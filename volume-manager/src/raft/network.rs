@@ -34,7 +34,8 @@ pub struct Network {
 }
 
 impl Network {
-    fn channel(&self, address: &str) -> Result<Channel, String> {
+    /// The channel to `address` (created on first use, connected lazily).
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
         let mut m = self.channels.lock();
         if let Some(c) = m.get(address) {
             return Ok(c.clone());
