@@ -8,8 +8,10 @@
 //! durability barrier has synced the metadata that stopped referring to it; only then can it
 //! be punched and reused (before that, a crash could bring the old entry back).
 //!
-//! The map is the in-memory image of the chunk's head-epoch keys in RocksDB; both are changed
-//! together under the chunk's lock, RocksDB first.
+//! The map is the in-memory image of each block's newest version in RocksDB (its *head*,
+//! with the version's epoch and whether older versions lie below it); both are changed
+//! together under the chunk's lock, RocksDB first. Older versions (kept for snapshots, see
+//! [`crate::epoch`]) are only in RocksDB; their slots stay allocated until reclaimed.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,8 +21,9 @@ use parking_lot::Mutex;
 use tern_common::BLOCKS_PER_CHUNK;
 
 use crate::engine::DataFile;
-use crate::error::Result;
-use crate::meta::{Entry, MetaStore};
+use crate::epoch::Epochs;
+use crate::error::{Error, Result};
+use crate::meta::{BlockOp, Entry, MetaStore, Version};
 
 /// Free and pending slots of one data file.
 #[derive(Debug, Default)]
@@ -76,9 +79,46 @@ impl SlotAlloc {
     }
 }
 
+/// A block's newest version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// [`Entry::Hole`]: the block has no version at all.
+    pub entry: Entry,
+    pub epoch: u64,
+    /// Older versions exist below this one.
+    pub below: bool,
+}
+
+const NO_VERSION: Head = Head { entry: Entry::Hole, epoch: 0, below: false };
+
+/// Where a commit writes.
+#[derive(Clone, Copy)]
+pub enum At<'a> {
+    /// A write at `epoch`, deciding with `epochs` whether overwritten versions are kept.
+    Epoch { epoch: u64, epochs: &'a Epochs },
+    /// The newest version itself is replaced (a repair: same content, fresh slot).
+    InPlace,
+}
+
 struct State {
-    map: Vec<Entry>,
+    map: Vec<Head>,
     alloc: SlotAlloc,
+}
+
+impl State {
+    /// Frees a slot a version stopped referencing: reused (`punch` false) or punched first
+    /// after the next barrier.
+    fn free(&mut self, old: Entry, punch: bool) -> bool {
+        if let Entry::Data { slot, .. } = old {
+            if punch {
+                self.alloc.pending_punch.push(slot);
+            } else {
+                self.alloc.pending.push(slot);
+            }
+            return true;
+        }
+        false
+    }
 }
 
 pub struct Chunk {
@@ -98,18 +138,23 @@ pub struct Committed {
 }
 
 impl Chunk {
-    /// Builds the chunk from its persisted entries.
-    pub fn new(volume: u64, index: u32, file: Arc<DataFile>, entries: Vec<(u32, Entry)>) -> Self {
-        let mut map = vec![Entry::Hole; BLOCKS_PER_CHUNK as usize];
-        for (b, e) in entries {
-            if let Some(slot) = map.get_mut(b as usize) {
-                *slot = e;
+    /// Builds the chunk from its persisted versions (by block, newest first).
+    pub fn new(volume: u64, index: u32, file: Arc<DataFile>, versions: Vec<Version>) -> Self {
+        let mut map = vec![NO_VERSION; BLOCKS_PER_CHUNK as usize];
+        let mut used = Vec::new();
+        for (b, epoch, e) in versions {
+            if let Entry::Data { slot, .. } = e {
+                used.push(slot);
+            }
+            if let Some(h) = map.get_mut(b as usize) {
+                if h.entry == Entry::Hole {
+                    *h = Head { entry: e, epoch, below: false };
+                } else {
+                    h.below = true;
+                }
             }
         }
-        let alloc = SlotAlloc::from_used(map.iter().filter_map(|e| match e {
-            Entry::Data { slot, .. } => Some(*slot),
-            _ => None,
-        }));
+        let alloc = SlotAlloc::from_used(used.into_iter());
         Self {
             volume,
             index,
@@ -119,14 +164,20 @@ impl Chunk {
         }
     }
 
-    /// The entries of blocks `[first, first + n)`.
+    /// The newest entries of blocks `[first, first + n)`.
     pub fn entries(&self, first: u32, n: u32) -> Vec<Entry> {
+        let st = self.state.lock();
+        st.map[first as usize..(first + n) as usize].iter().map(|h| h.entry).collect()
+    }
+
+    /// The heads of blocks `[first, first + n)`.
+    pub fn heads(&self, first: u32, n: u32) -> Vec<Head> {
         let st = self.state.lock();
         st.map[first as usize..(first + n) as usize].to_vec()
     }
 
     pub fn entry(&self, block: u32) -> Entry {
-        self.state.lock().map[block as usize]
+        self.state.lock().map[block as usize].entry
     }
 
     pub fn alloc(&self, n: usize) -> Vec<u32> {
@@ -137,43 +188,212 @@ impl Chunk {
         self.state.lock().alloc.unalloc(slots);
     }
 
-    /// Switches blocks to new entries: RocksDB first (one atomic batch), then the map. With
-    /// `expect`, applies only if every block still holds the expected entry (the
-    /// compare-and-swap of read-modify-write). Slots the update stops referencing become
-    /// pending.
+    /// Writes new entries (`Data`, `Zero`, or `Hole` to discard) of blocks: RocksDB first
+    /// (one atomic batch), then the map. With `expect`, applies only if every block's newest
+    /// entry still is the expected one (the compare-and-swap of read-modify-write). The
+    /// versions a write overwrites are kept when a snapshot may read them (see
+    /// [`crate::epoch`]); slots it stops referencing become pending.
     pub fn commit(
         &self,
         meta: &MetaStore,
         updates: &[(u32, Entry)],
         expect: Option<&[Entry]>,
+        at: At<'_>,
     ) -> Result<Committed> {
         let mut st = self.state.lock();
         if let Some(expect) = expect {
-            let same = updates.iter().zip(expect).all(|((b, _), e)| st.map[*b as usize] == *e);
+            let same =
+                updates.iter().zip(expect).all(|((b, _), e)| st.map[*b as usize].entry == *e);
             if !same {
                 return Ok(Committed { applied: false, data_delta: 0, freed: 0 });
             }
         }
-        // Held under the chunk lock so RocksDB sees updates of a block in map order.
-        meta.write_entries(self.volume, self.index, updates)?;
+        let mut ops = Vec::with_capacity(updates.len() + 1);
+        let mut heads = Vec::with_capacity(updates.len());
+        // Old entries to free once the batch is written: (entry, punch).
+        let mut frees: Vec<(Entry, bool)> = Vec::new();
         let mut delta = 0i64;
-        let mut freed = 0;
         for &(b, new) in updates {
-            let old = std::mem::replace(&mut st.map[b as usize], new);
-            if let Entry::Data { slot, .. } = old {
-                if matches!(new, Entry::Data { .. }) {
-                    st.alloc.pending.push(slot);
-                } else {
-                    st.alloc.pending_punch.push(slot);
+            let h = st.map[b as usize];
+            let discard = matches!(new, Entry::Hole | Entry::Discarded);
+            let punch = !matches!(new, Entry::Data { .. });
+            let (epoch, keep) = match at {
+                At::InPlace => (h.epoch, false),
+                At::Epoch { epoch, epochs } => {
+                    if h.entry != Entry::Hole && h.epoch > epoch {
+                        return Err(Error::Internal(format!(
+                            "block {b} of chunk {}/{} has a version at epoch {} above the \
+                             write's epoch {epoch}",
+                            self.volume, self.index, h.epoch
+                        )));
+                    }
+                    (epoch, h.entry != Entry::Hole && epochs.keeps(h.epoch, epoch))
                 }
+            };
+            let head = if h.entry == Entry::Hole {
+                // No version yet.
+                if discard {
+                    continue;
+                }
+                Head { entry: new, epoch, below: false }
+            } else if keep {
+                // The old version stays for a snapshot; the new one goes on top.
+                let entry = if discard { Entry::Discarded } else { new };
+                Head { entry, epoch, below: true }
+            } else {
+                // The old version goes.
+                if h.epoch != epoch {
+                    ops.push(BlockOp::Delete { block: b, epoch: h.epoch });
+                }
+                frees.push((h.entry, punch));
+                match (discard, h.below) {
+                    (true, false) => {
+                        if h.epoch == epoch {
+                            ops.push(BlockOp::Delete { block: b, epoch });
+                        }
+                        heads.push((b, NO_VERSION));
+                        continue;
+                    }
+                    (true, true) => Head { entry: Entry::Discarded, epoch, below: true },
+                    (false, below) => Head { entry: new, epoch, below },
+                }
+            };
+            if head == h {
+                frees.pop();
+                continue;
+            }
+            ops.push(BlockOp::Put { block: b, epoch, entry: head.entry });
+            heads.push((b, head));
+        }
+        // Held under the chunk lock so RocksDB sees updates of a block in map order.
+        meta.write_entries(self.volume, self.index, &ops)?;
+        let mut freed = 0;
+        for (old, punch) in frees {
+            if st.free(old, punch) {
                 freed += 1;
                 delta -= 1;
             }
-            if matches!(new, Entry::Data { .. }) {
+        }
+        for (b, head) in heads {
+            if matches!(head.entry, Entry::Data { .. }) {
                 delta += 1;
             }
+            st.map[b as usize] = head;
         }
         Ok(Committed { applied: true, data_delta: delta, freed })
+    }
+
+    /// Removes every version of the chunk (their slots are punched after the next barrier).
+    pub fn wipe(&self, meta: &MetaStore) -> Result<Committed> {
+        let mut st = self.state.lock();
+        let versions = meta.load_chunk(self.volume, self.index)?;
+        if versions.is_empty() {
+            return Ok(Committed { applied: true, data_delta: 0, freed: 0 });
+        }
+        let ops: Vec<BlockOp> =
+            versions.iter().map(|&(block, epoch, _)| BlockOp::Delete { block, epoch }).collect();
+        meta.write_entries(self.volume, self.index, &ops)?;
+        let mut freed = 0;
+        for (_, _, e) in versions {
+            if st.free(e, true) {
+                freed += 1;
+            }
+        }
+        st.map.iter_mut().for_each(|h| *h = NO_VERSION);
+        Ok(Committed { applied: true, data_delta: -(freed as i64), freed })
+    }
+
+    /// Stores versions `(block, epoch, entry)` another replica sent, into a chunk that has no
+    /// other version at those epochs below the newest (it was wiped first); a version at the
+    /// newest's epoch replaces it.
+    pub fn install(&self, meta: &MetaStore, versions: &[Version]) -> Result<Committed> {
+        let mut st = self.state.lock();
+        let ops: Vec<BlockOp> = versions
+            .iter()
+            .map(|&(block, epoch, entry)| BlockOp::Put { block, epoch, entry })
+            .collect();
+        meta.write_entries(self.volume, self.index, &ops)?;
+        let (mut delta, mut freed) = (0i64, 0usize);
+        for &(b, epoch, entry) in versions {
+            if matches!(entry, Entry::Data { .. }) {
+                delta += 1;
+            }
+            let h = st.map[b as usize];
+            let head = if h.entry == Entry::Hole {
+                Head { entry, epoch, below: false }
+            } else if epoch > h.epoch {
+                Head { entry, epoch, below: true }
+            } else if epoch == h.epoch {
+                if st.free(h.entry, false) {
+                    freed += 1;
+                    delta -= 1;
+                }
+                Head { entry, epoch, below: h.below }
+            } else {
+                Head { below: true, ..h }
+            };
+            st.map[b as usize] = head;
+        }
+        Ok(Committed { applied: true, data_delta: delta, freed })
+    }
+
+    /// Removes the versions below the newest of blocks `[first, first + n)` that no snapshot
+    /// of `epochs` sees any more (their slots go pending), and a discard with nothing left
+    /// below it. Returns the data blocks freed.
+    pub fn collect(&self, meta: &MetaStore, first: u32, n: u32, epochs: &Epochs) -> Result<usize> {
+        let mut st = self.state.lock();
+        let versions = meta.chunk_versions(self.volume, self.index, first, n)?;
+        let mut ops = Vec::new();
+        let mut frees = Vec::new();
+        let mut heads = Vec::new();
+        let mut i = 0;
+        while i < versions.len() {
+            let b = versions[i].0;
+            let mut j = i;
+            while j < versions.len() && versions[j].0 == b {
+                j += 1;
+            }
+            let vs = &versions[i..j];
+            i = j;
+            // vs[0] is the newest; keep it, then walk down tracking the next kept epoch.
+            let mut kept = vec![vs[0]];
+            let mut next = vs[0].1;
+            for &(_, epoch, entry) in &vs[1..] {
+                if epochs.needed(epoch, next) {
+                    kept.push((b, epoch, entry));
+                    next = epoch;
+                } else {
+                    ops.push(BlockOp::Delete { block: b, epoch });
+                    frees.push(entry);
+                }
+            }
+            // A discard at the bottom hides nothing.
+            while let Some(&(_, epoch, Entry::Discarded)) = kept.last() {
+                ops.push(BlockOp::Delete { block: b, epoch });
+                kept.pop();
+            }
+            let head = match kept.first() {
+                None => NO_VERSION,
+                Some(&(_, epoch, entry)) => Head { entry, epoch, below: kept.len() > 1 },
+            };
+            if head != st.map[b as usize] {
+                heads.push((b, head));
+            }
+        }
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        meta.write_entries(self.volume, self.index, &ops)?;
+        let mut freed = 0;
+        for e in frees {
+            if st.free(e, true) {
+                freed += 1;
+            }
+        }
+        for (b, head) in heads {
+            st.map[b as usize] = head;
+        }
+        Ok(freed)
     }
 
     /// Takes the pending slots, `(reuse, punch)`: the caller's barrier syncs metadata,

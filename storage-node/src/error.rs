@@ -57,7 +57,22 @@ pub enum Error {
     CrossesChunk { offset: u64, len: u64 },
     #[error("{message}")]
     Refused { code: i32, message: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error(
+        "volume {volume} has a snapshot newer than epoch {epoch}: write again at epoch {floor}"
+    )]
+    StaleEpoch { volume: u64, epoch: u64, floor: u64 },
+    #[error("volume {volume} has no epoch {epoch} yet (its writes are at epoch {floor})")]
+    UnknownEpoch { volume: u64, epoch: u64, floor: u64 },
+    #[error("volume {volume} has no snapshot at epoch {epoch}")]
+    NoSnapshot { volume: u64, epoch: u64 },
+    #[error("snapshots need the replicated storage class: volume {0} is local")]
+    LocalSnapshot(u64),
 }
+
+/// gRPC metadata key of the epoch to write at, on a `StaleEpoch` status.
+pub const EPOCH_HINT: &str = "x-tern-epoch";
 
 /// gRPC metadata key of the leader hint on a `NotLeader` status.
 pub const LEADER_HINT: &str = "x-tern-leader";
@@ -68,7 +83,11 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Code;
         let code = match &e {
-            Error::VolumeNotFound(_) | Error::VolumeDeleted(_) => Code::NotFound,
+            Error::VolumeNotFound(_) | Error::VolumeDeleted(_) | Error::NoSnapshot { .. } => {
+                Code::NotFound
+            }
+            Error::StaleEpoch { .. } => Code::Aborted,
+            Error::UnknownEpoch { .. } | Error::LocalSnapshot(_) => Code::InvalidArgument,
             Error::VolumeExists(_) => Code::AlreadyExists,
             Error::Input(_)
             | Error::TooLarge { .. }
@@ -92,12 +111,18 @@ impl From<Error> for tonic::Status {
             | Error::Meta(_)
             | Error::CreateDir { .. }
             | Error::Bind { .. }
-            | Error::Serve(_) => Code::Internal,
+            | Error::Serve(_)
+            | Error::Internal(_) => Code::Internal,
         };
         let mut s = tonic::Status::new(code, e.to_string());
         if let Error::NotLeader { leader: Some(l), .. } = e {
             if let Ok(v) = l.to_string().parse() {
                 s.metadata_mut().insert(LEADER_HINT, v);
+            }
+        }
+        if let Error::StaleEpoch { floor, .. } = e {
+            if let Ok(v) = floor.to_string().parse() {
+                s.metadata_mut().insert(EPOCH_HINT, v);
             }
         }
         s

@@ -12,11 +12,12 @@
 //! | `0x03` | `0x03 | volume u64 | chunk u32 | block u32 | !epoch u64` | block entry      |
 //! | `0x10` | `0x10 | group u32 | log index u64`        | Raft log entry (bincode)    |
 //! | `0x11` | `0x11 | group u32 | field u8`             | Raft group state (bincode)  |
+//! | `0x12` | `0x12 | group u32 | volume u64`          | fencing generation u64      |
+//! | `0x13` | `0x13 | group u32 | volume u64`          | epoch state (bincode `Epochs`) |
 //!
 //! Block keys carry the epoch inverted (`u64::MAX - epoch`) so that, for one block, the newest
-//! version sorts first: a read at epoch E seeks to `!E` and takes the first key of that block.
-//! Only epoch 0 (the live head) is written today; snapshots add older epochs without changing
-//! the layout.
+//! version sorts first: a read at epoch E seeks to `!E` and takes the first key of that block
+//! (see [`crate::epoch`]). Data written before epochs existed is at epoch 0.
 
 pub const PREFIX_META: u8 = 0x00;
 pub const PREFIX_VOLUME: u8 = 0x01;
@@ -26,6 +27,8 @@ pub const PREFIX_RAFT_LOG: u8 = 0x10;
 pub const PREFIX_RAFT_STATE: u8 = 0x11;
 /// `0x12 | group | volume` -> the volume's fencing generation in that chunk group.
 pub const PREFIX_FENCE: u8 = 0x12;
+/// `0x13 | group | volume` -> the volume's epoch state in that chunk group.
+pub const PREFIX_EPOCHS: u8 = 0x13;
 
 /// The fields of a Raft group's persistent state (`0x11` keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +43,6 @@ pub enum RaftField {
     /// The meta of the group's last snapshot (the log before it may be purged).
     Snapshot = 5,
 }
-
-/// The epoch of the live head of a volume.
-pub const HEAD_EPOCH: u64 = 0;
 
 pub fn meta_key(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());
@@ -193,8 +193,16 @@ pub fn raft_state_key(group: u32, field: RaftField) -> [u8; 6] {
 }
 
 pub fn fence_key(group: u32, volume: u64) -> [u8; 13] {
+    group_volume_key(PREFIX_FENCE, group, volume)
+}
+
+pub fn epochs_key(group: u32, volume: u64) -> [u8; 13] {
+    group_volume_key(PREFIX_EPOCHS, group, volume)
+}
+
+fn group_volume_key(prefix: u8, group: u32, volume: u64) -> [u8; 13] {
     let mut k = [0u8; 13];
-    k[0] = PREFIX_FENCE;
+    k[0] = prefix;
     k[1..5].copy_from_slice(&group.to_be_bytes());
     k[5..13].copy_from_slice(&volume.to_be_bytes());
     k
@@ -202,14 +210,23 @@ pub fn fence_key(group: u32, volume: u64) -> [u8; 13] {
 
 /// The fence keys of `group`: `[start, end)`.
 pub fn fence_range(group: u32) -> ([u8; 5], [u8; 5]) {
+    group_range(PREFIX_FENCE, group)
+}
+
+/// The epoch state keys of `group`: `[start, end)`.
+pub fn epochs_range(group: u32) -> ([u8; 5], [u8; 5]) {
+    group_range(PREFIX_EPOCHS, group)
+}
+
+fn group_range(prefix: u8, group: u32) -> ([u8; 5], [u8; 5]) {
     let mut s = [0u8; 5];
-    s[0] = PREFIX_FENCE;
+    s[0] = prefix;
     s[1..5].copy_from_slice(&group.to_be_bytes());
     let mut e = s;
     match group.checked_add(1) {
         Some(g) => e[1..5].copy_from_slice(&g.to_be_bytes()),
         None => {
-            e = [PREFIX_FENCE + 1, 0, 0, 0, 0];
+            e = [prefix + 1, 0, 0, 0, 0];
         }
     }
     (s, e)
@@ -217,7 +234,16 @@ pub fn fence_range(group: u32) -> ([u8; 5], [u8; 5]) {
 
 /// The volume of a fence key.
 pub fn parse_fence_key(k: &[u8]) -> Option<u64> {
-    if k.len() != 13 || k[0] != PREFIX_FENCE {
+    parse_group_volume_key(PREFIX_FENCE, k)
+}
+
+/// The volume of an epoch state key.
+pub fn parse_epochs_key(k: &[u8]) -> Option<u64> {
+    parse_group_volume_key(PREFIX_EPOCHS, k)
+}
+
+fn parse_group_volume_key(prefix: u8, k: &[u8]) -> Option<u64> {
+    if k.len() != 13 || k[0] != prefix {
         return None;
     }
     Some(u64::from_be_bytes(k[5..13].try_into().ok()?))

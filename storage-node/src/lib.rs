@@ -9,6 +9,7 @@
 pub mod aligned;
 pub mod chunk;
 pub mod engine;
+pub mod epoch;
 pub mod error;
 pub mod keys;
 pub mod manager_link;

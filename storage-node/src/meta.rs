@@ -13,7 +13,8 @@ use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOp
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::keys::{self, BlockKey, HEAD_EPOCH};
+use crate::epoch::Epochs;
+use crate::keys::{self, BlockKey};
 
 /// What a volume is: persisted as JSON under its volume key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,8 +40,12 @@ fn default_class() -> String {
 /// The state of one block at one epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
-    /// Never written, trimmed or punched: reads as zeros, holds no space. Not stored.
+    /// No version at all: never written, or trimmed with nothing older to hide. Reads as
+    /// zeros, holds no space. Not stored.
     Hole,
+    /// Trimmed or punched over older versions a snapshot still sees: reads as zeros, holds no
+    /// space, hides what is below it. Stored.
+    Discarded,
     /// Written as zeros (or zeroed without punching): reads as zeros, holds no space.
     Zero,
     /// Data in slot `slot` of the chunk's data file, with crc32c `crc` of its 4096 bytes.
@@ -49,6 +54,19 @@ pub enum Entry {
 
 const ENTRY_ZERO: u8 = 1;
 const ENTRY_DATA: u8 = 2;
+const ENTRY_DISCARDED: u8 = 3;
+
+/// One change of a block map batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Sets the version of `block` at `epoch` (never to [`Entry::Hole`]).
+    Put { block: u32, epoch: u64, entry: Entry },
+    /// Removes the version of `block` at `epoch`.
+    Delete { block: u32, epoch: u64 },
+}
+
+/// One stored version of a block: `(block within its chunk, epoch, entry)`.
+pub type Version = (u32, u64, Entry);
 
 impl Entry {
     pub fn encode(self) -> Option<[u8; 9]> {
@@ -56,6 +74,7 @@ impl Entry {
         match self {
             Entry::Hole => return None,
             Entry::Zero => out[0] = ENTRY_ZERO,
+            Entry::Discarded => out[0] = ENTRY_DISCARDED,
             Entry::Data { slot, crc } => {
                 out[0] = ENTRY_DATA;
                 out[1..5].copy_from_slice(&slot.to_le_bytes());
@@ -68,6 +87,7 @@ impl Entry {
     pub fn decode(v: &[u8]) -> Option<Entry> {
         match (v.len(), v.first()?) {
             (9, &ENTRY_ZERO) => Some(Entry::Zero),
+            (9, &ENTRY_DISCARDED) => Some(Entry::Discarded),
             (9, &ENTRY_DATA) => Some(Entry::Data {
                 slot: u32::from_le_bytes(v[1..5].try_into().ok()?),
                 crc: u32::from_le_bytes(v[5..9].try_into().ok()?),
@@ -158,28 +178,101 @@ impl MetaStore {
         self.write(b, true)
     }
 
-    /// The head-epoch entries of one chunk: `(block index within the chunk, entry)`.
-    pub fn load_chunk(&self, volume: u64, chunk: u32) -> Result<Vec<(u32, Entry)>> {
-        let (s, e) = keys::chunk_blocks_range(volume, chunk);
+    /// Every stored version of blocks `[first, first + n)` of one chunk, by block, newest
+    /// first (one consistent view).
+    pub fn chunk_versions(
+        &self,
+        volume: u64,
+        chunk: u32,
+        first: u32,
+        n: u32,
+    ) -> Result<Vec<Version>> {
+        let s = keys::block_key(BlockKey { volume, chunk, block: first, epoch: u64::MAX });
+        let end = first as u64 + n as u64;
+        let e = if end > u32::MAX as u64 {
+            keys::chunk_blocks_range(volume, chunk).1
+        } else {
+            keys::block_key(BlockKey { volume, chunk, block: end as u32, epoch: u64::MAX })
+                .to_vec()
+        };
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(e);
         let mut out = Vec::new();
         for item in self.db.iterator_opt(IteratorMode::From(&s, Direction::Forward), ro) {
             let (k, v) = item?;
-            let key = keys::parse_block_key(&k).ok_or_else(|| Error::CorruptMeta {
-                key: format!("{k:02x?}"),
-                what: "not a block key".into(),
-            })?;
-            if key.epoch != HEAD_EPOCH {
-                continue;
-            }
-            let entry = Entry::decode(&v).ok_or_else(|| Error::CorruptMeta {
-                key: format!("{key:?}"),
-                what: format!("bad block entry {v:02x?}"),
-            })?;
-            out.push((key.block, entry));
+            out.push(decode_version(&k, &v)?);
         }
         Ok(out)
+    }
+
+    /// Every stored version of one chunk (see [`Self::chunk_versions`]).
+    pub fn load_chunk(&self, volume: u64, chunk: u32) -> Result<Vec<Version>> {
+        self.chunk_versions(volume, chunk, 0, u32::MAX)
+    }
+
+    /// The entry each of `blocks` (of one chunk) has at `epoch`: its newest version at or
+    /// below it, [`Entry::Hole`] if none.
+    pub fn entries_at(
+        &self,
+        volume: u64,
+        chunk: u32,
+        blocks: impl Iterator<Item = u32>,
+        epoch: u64,
+    ) -> Result<Vec<Entry>> {
+        let mut it = self.db.raw_iterator();
+        let mut out = Vec::new();
+        for block in blocks {
+            it.seek(keys::block_key(BlockKey { volume, chunk, block, epoch }));
+            let mut entry = Entry::Hole;
+            if it.valid() {
+                if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    let (b, _, e) = match keys::parse_block_key(k) {
+                        Some(key) if key.volume == volume && key.chunk == chunk => {
+                            decode_version(k, v)?
+                        }
+                        _ => (u32::MAX, 0, Entry::Hole),
+                    };
+                    if b == block {
+                        entry = e;
+                    }
+                }
+            }
+            it.status()?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// The epoch states of `group`'s volumes.
+    pub fn epochs(&self, group: u32) -> Result<Vec<(u64, Epochs)>> {
+        let (s, e) = keys::epochs_range(group);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(e.to_vec());
+        let mut out = Vec::new();
+        for item in self.db.iterator_opt(IteratorMode::From(&s, Direction::Forward), ro) {
+            let (k, v) = item?;
+            let bad =
+                |what: String| Error::CorruptMeta { key: format!("{k:02x?}"), what };
+            let volume = keys::parse_epochs_key(&k).ok_or_else(|| bad("not an epoch key".into()))?;
+            let epochs: Epochs = bincode::deserialize(&v).map_err(|e| bad(e.to_string()))?;
+            out.push((volume, epochs));
+        }
+        Ok(out)
+    }
+
+    /// Stores a volume's epoch state in `group` (WAL written, not synced: the entry that
+    /// changed it is in the group's log, replayed after a crash).
+    pub fn put_epochs(&self, group: u32, volume: u64, epochs: &Epochs) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put(keys::epochs_key(group, volume), bincode::serialize(epochs).expect("encodes"));
+        self.write(b, false)
+    }
+
+    /// Forgets a volume's epoch state in `group` (the volume was deleted).
+    pub fn delete_epochs(&self, group: u32, volume: u64) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.delete(keys::epochs_key(group, volume));
+        self.write(b, false)
     }
 
     /// Data blocks held by each volume (one scan at start-up).
@@ -302,19 +395,38 @@ impl MetaStore {
         self.write(b, sync)
     }
 
-    /// Applies head-epoch block updates in one atomic batch (WAL written, not synced: see
-    /// the module comment).
-    pub fn write_entries(&self, volume: u64, chunk: u32, updates: &[(u32, Entry)]) -> Result<()> {
+    /// Applies block map changes of one chunk in one atomic batch (WAL written, not synced:
+    /// see the module comment).
+    pub fn write_entries(&self, volume: u64, chunk: u32, ops: &[BlockOp]) -> Result<()> {
         let mut b = WriteBatch::default();
-        for &(block, entry) in updates {
-            let k = keys::block_key(BlockKey { volume, chunk, block, epoch: HEAD_EPOCH });
-            match entry.encode() {
-                Some(v) => b.put(k, v),
-                None => b.delete(k),
+        for op in ops {
+            match *op {
+                BlockOp::Put { block, epoch, entry } => {
+                    let k = keys::block_key(BlockKey { volume, chunk, block, epoch });
+                    match entry.encode() {
+                        Some(v) => b.put(k, v),
+                        None => b.delete(k),
+                    }
+                }
+                BlockOp::Delete { block, epoch } => {
+                    b.delete(keys::block_key(BlockKey { volume, chunk, block, epoch }));
+                }
             }
         }
         self.write(b, false)
     }
+}
+
+fn decode_version(k: &[u8], v: &[u8]) -> Result<Version> {
+    let key = keys::parse_block_key(k).ok_or_else(|| Error::CorruptMeta {
+        key: format!("{k:02x?}"),
+        what: "not a block key".into(),
+    })?;
+    let entry = Entry::decode(v).ok_or_else(|| Error::CorruptMeta {
+        key: format!("{key:?}"),
+        what: format!("bad block entry {v:02x?}"),
+    })?;
+    Ok((key.block, key.epoch, entry))
 }
 
 #[cfg(test)]
@@ -323,7 +435,7 @@ mod tests {
 
     #[test]
     fn entry_round_trip() {
-        for e in [Entry::Zero, Entry::Data { slot: 7, crc: 0xdead_beef }] {
+        for e in [Entry::Zero, Entry::Discarded, Entry::Data { slot: 7, crc: 0xdead_beef }] {
             assert_eq!(Entry::decode(&e.encode().unwrap()), Some(e));
         }
         assert_eq!(Entry::Hole.encode(), None);
@@ -347,14 +459,23 @@ mod tests {
         {
             let m = MetaStore::open(dir.path()).unwrap();
             m.put_volume(&rec, None).unwrap();
-            m.write_entries(3, 0, &[(1, Entry::Data { slot: 0, crc: 5 }), (2, Entry::Zero)])
+            let put = |block, epoch, entry| BlockOp::Put { block, epoch, entry };
+            m.write_entries(3, 0, &[put(1, 1, Entry::Data { slot: 0, crc: 5 }), put(2, 1, Entry::Zero)])
                 .unwrap();
-            m.write_entries(3, 0, &[(2, Entry::Hole)]).unwrap();
+            m.write_entries(3, 0, &[BlockOp::Delete { block: 2, epoch: 1 }]).unwrap();
+            m.write_entries(3, 0, &[put(4, 1, Entry::Discarded), put(4, 3, Entry::Zero)]).unwrap();
         }
         let m = MetaStore::open(dir.path()).unwrap();
         assert_eq!(m.load_volumes().unwrap(), vec![rec.clone()]);
         assert_eq!(m.next_volume_id().unwrap(), 4);
-        assert_eq!(m.load_chunk(3, 0).unwrap(), vec![(1, Entry::Data { slot: 0, crc: 5 })]);
+        assert_eq!(
+            m.load_chunk(3, 0).unwrap(),
+            vec![(1, 1, Entry::Data { slot: 0, crc: 5 }), (4, 3, Entry::Zero), (4, 1, Entry::Discarded)]
+        );
+        let at = |e| m.entries_at(3, 0, [0, 1, 4, 5].into_iter(), e).unwrap();
+        assert_eq!(at(0), vec![Entry::Hole; 4]);
+        assert_eq!(at(2), vec![Entry::Hole, Entry::Data { slot: 0, crc: 5 }, Entry::Discarded, Entry::Hole]);
+        assert_eq!(at(3)[2], Entry::Zero);
         assert_eq!(m.count_data_blocks().unwrap().get(&3), Some(&1));
         m.delete_volume(&rec).unwrap();
         assert!(m.load_volumes().unwrap().is_empty());

@@ -13,7 +13,7 @@ use tern_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::error::{Error, LEADER_HINT};
+use crate::error::{Error, EPOCH_HINT, LEADER_HINT};
 use crate::meta::Entry;
 use crate::metrics::{IoMetrics, IoOp};
 use crate::replication::{Cluster, Cmd, Reply};
@@ -109,8 +109,8 @@ impl Service {
 
     fn volume_by_header(&self, h: Option<v1::IoHeader>) -> Result<Arc<Volume>, Status> {
         let h = h.ok_or_else(|| Status::invalid_argument("missing I/O header"))?;
-        if h.epoch != 0 {
-            return Err(Error::Unsupported("reads at an epoch other than the head").into());
+        if h.epoch != 0 && self.cluster.is_none() {
+            return Err(Error::LocalSnapshot(h.volume_id).into());
         }
         Ok(self.store.get(h.volume_id)?)
     }
@@ -119,6 +119,11 @@ impl Service {
 /// The attachment generation a data request carries (0 when absent).
 fn generation_of(h: &Option<v1::IoHeader>) -> u64 {
     h.as_ref().map_or(0, |h| h.generation)
+}
+
+/// The epoch a data request carries (0 when absent: the head).
+fn epoch_of(h: &Option<v1::IoHeader>) -> u64 {
+    h.as_ref().map_or(0, |h| h.epoch)
 }
 
 /// The one conversion of a volume to its wire form.
@@ -355,31 +360,33 @@ impl Service {
     }
 
     async fn do_read(&self, r: v1::ReadRequest) -> Result<v1::ReadResponse, Status> {
+        let epoch = epoch_of(&r.header);
         let v = self.data_volume(r.header)?;
         let len = u64::from(r.length);
         let data = match &self.cluster {
-            Some(c) => c.read(&v, r.offset, len).await?,
+            Some(c) => c.read(&v, r.offset, len, epoch).await?,
             None => self.store.read(&v, r.offset, len).await?,
         };
         Ok(v1::ReadResponse { data })
     }
 
     async fn do_write(&self, r: v1::WriteRequest) -> Result<(), Status> {
-        let generation = generation_of(&r.header);
+        let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
         match &self.cluster {
-            Some(c) => c.write(&v, r.offset, r.data, r.fua, generation).await?,
+            Some(c) => c.write(&v, r.offset, r.data, r.fua, generation, epoch).await?,
             None => self.store.write(&v, r.offset, r.data, r.fua).await?,
         }
         Ok(())
     }
 
     async fn do_write_zeroes(&self, r: v1::WriteZeroesRequest) -> Result<(), Status> {
-        let generation = generation_of(&r.header);
+        let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
         match &self.cluster {
             Some(c) => {
-                c.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua, generation).await?
+                let (off, len, punch, fua) = (r.offset, r.length, r.punch_hole, r.fua);
+                c.write_zeroes(&v, off, len, punch, fua, generation, epoch).await?
             }
             None => self.store.write_zeroes(&v, r.offset, r.length, r.punch_hole, r.fua).await?,
         }
@@ -387,10 +394,10 @@ impl Service {
     }
 
     async fn do_trim(&self, r: v1::TrimRequest) -> Result<(), Status> {
-        let generation = generation_of(&r.header);
+        let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
         match &self.cluster {
-            Some(c) => c.trim(&v, r.offset, r.length, r.fua, generation).await?,
+            Some(c) => c.trim(&v, r.offset, r.length, r.fua, generation, epoch).await?,
             None => self.store.trim(&v, r.offset, r.length, r.fua).await?,
         }
         Ok(())
@@ -414,9 +421,10 @@ impl Service {
         &self,
         r: v1::BlockStatusRequest,
     ) -> Result<v1::BlockStatusResponse, Status> {
+        let epoch = epoch_of(&r.header);
         let v = self.data_volume(r.header)?;
         let extents = match &self.cluster {
-            Some(c) => c.block_status(&v, r.offset, r.length).await?,
+            Some(c) => c.block_status(&v, r.offset, r.length, epoch).await?,
             None => self.store.block_status(&v, r.offset, r.length).await?,
         }
         .into_iter()
@@ -464,10 +472,16 @@ impl Service {
                 .get(LEADER_HINT)
                 .and_then(|v| v.to_str().ok()?.parse().ok())
                 .unwrap_or(0);
+            let epoch = s
+                .metadata()
+                .get(EPOCH_HINT)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
             R::Error(v1::IoError {
                 code: s.code() as i32,
                 message: s.message().to_string(),
                 leader,
+                epoch,
             })
         });
         v1::IoResponse { id: req.id, result: Some(result) }
@@ -662,6 +676,72 @@ impl cluster_server::Cluster for Service {
         let r = req.into_inner();
         c.fence_group(r.group, r.volume_id, r.generation).await?;
         Ok(Response::new(v1::FenceVolumeReply {}))
+    }
+
+    async fn snapshot_volume(
+        &self,
+        req: Request<v1::SnapshotVolumeRequest>,
+    ) -> Result<Response<v1::SnapshotVolumeReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        if r.epoch == 0 {
+            return Err(Status::invalid_argument("snapshot epochs start at 1"));
+        }
+        match r.group {
+            Some(g) => c.snapshot_group(g, r.volume_id, r.epoch, r.delete).await?,
+            None => {
+                // As for fences: a volume not learned here yet is UNAVAILABLE.
+                let h = v1::IoHeader { volume_id: r.volume_id, epoch: 0, generation: 0 };
+                self.data_volume(Some(h))?;
+                c.snapshot_volume(r.volume_id, r.epoch, r.delete).await?
+            }
+        }
+        Ok(Response::new(v1::SnapshotVolumeReply {}))
+    }
+
+    async fn volume_changes(
+        &self,
+        req: Request<v1::VolumeChangesRequest>,
+    ) -> Result<Response<v1::VolumeChangesReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        let (v, from, to) = (r.volume_id, r.from_epoch, r.to_epoch);
+        if from != 0 && to != 0 && from >= to {
+            return Err(Status::invalid_argument(format!(
+                "changes go from an older epoch to a newer one (got {from} to {to})"
+            )));
+        }
+        let changes = match r.group {
+            Some(g) => c.group_changes(g, v, from, to).await?,
+            None => c.volume_changes(v, from, to).await?,
+        };
+        let extents = changes
+            .into_iter()
+            .map(|(offset, length, zero)| v1::ChangedExtent { offset, length, zero })
+            .collect();
+        Ok(Response::new(v1::VolumeChangesReply { extents }))
+    }
+
+    async fn volume_usage(
+        &self,
+        req: Request<v1::VolumeUsageRequest>,
+    ) -> Result<Response<v1::VolumeUsageReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        let u = match r.group {
+            Some(g) => c.group_usage(g, r.volume_id).await?,
+            None => c.volume_usage(r.volume_id).await?,
+        };
+        const BS: u64 = tern_common::BLOCK_SIZE;
+        Ok(Response::new(v1::VolumeUsageReply {
+            total_bytes: u.total * BS,
+            head_only_bytes: u.head_only * BS,
+            exclusive: u
+                .exclusive
+                .into_iter()
+                .map(|(epoch, n)| v1::EpochBytes { epoch, bytes: n * BS })
+                .collect(),
+        }))
     }
 }
 

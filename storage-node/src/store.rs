@@ -28,10 +28,28 @@ use tern_common::{BLOCK_SIZE, CHUNK_SIZE, MAX_IO_SIZE};
 use tokio::sync::OnceCell;
 
 use crate::aligned::AlignedBuf;
-use crate::chunk::{slot_runs, Chunk};
+use crate::chunk::{slot_runs, At, Chunk};
 use crate::engine::{self, DataFile, EngineKind, IoEngine};
+use crate::epoch::{Epochs, FIRST_EPOCH};
 use crate::error::{Error, Result};
-use crate::meta::{Entry, MetaStore, VolumeRecord};
+use crate::meta::{Entry, MetaStore, Version, VolumeRecord};
+
+/// The epoch state of a volume that has no snapshots (local volumes, and writes outside
+/// the replicated path).
+static NO_SNAPSHOTS: Epochs = Epochs {
+    known: FIRST_EPOCH,
+    floor: FIRST_EPOCH,
+    snapshots: std::collections::BTreeSet::new(),
+    collecting: std::collections::BTreeSet::new(),
+};
+
+/// Writes of volumes without snapshots: at the first epoch, replacing what they overwrite.
+pub fn head_at() -> At<'static> {
+    At::Epoch { epoch: FIRST_EPOCH, epochs: &NO_SNAPSHOTS }
+}
+
+/// A changed range between two epochs: `(offset, length, reads as zeros)`.
+pub type Change = (u64, u64, bool);
 
 const BS: u64 = BLOCK_SIZE;
 
@@ -258,7 +276,7 @@ impl ChunkStore {
             return Err(Error::DataIo { volume: v.id, source });
         }
         let new = Entry::Data { slot: slots[0], crc };
-        let done = c.commit(&self.meta, &[(block, new)], Some(&[old]))?;
+        let done = c.commit(&self.meta, &[(block, new)], Some(&[old]), At::InPlace)?;
         if !done.applied {
             c.unalloc(&slots);
             return Ok(false);
@@ -396,7 +414,7 @@ impl ChunkStore {
             let mut off = size;
             while off < rec.size {
                 let len = (rec.size - off).min(CHUNK_SIZE - off % CHUNK_SIZE);
-                self.zero_segment(v, off, len, true, true).await?;
+                self.zero_segment(v, off, len, true, true, head_at()).await?;
                 off += len;
             }
         }
@@ -509,6 +527,12 @@ impl ChunkStore {
     /// Reads `len` bytes at `offset` (any alignment). Every data block's checksum is verified;
     /// a mismatch fails the read and is counted, it never returns the wrong bytes.
     pub async fn read(&self, v: &Volume, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_at(v, offset, len, 0).await
+    }
+
+    /// [`Self::read`] of the volume as it was at snapshot `epoch` (0: the head). The caller
+    /// checked that the snapshot exists.
+    pub async fn read_at(&self, v: &Volume, offset: u64, len: u64, epoch: u64) -> Result<Bytes> {
         if len > MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: MAX_IO_SIZE });
         }
@@ -522,14 +546,51 @@ impl ChunkStore {
         while pos < end {
             let seg = (end - pos).min(CHUNK_SIZE - pos % CHUNK_SIZE);
             let dst = &mut out[(pos - offset) as usize..(pos - offset + seg) as usize];
-            self.read_segment(v, pos, dst).await?;
+            self.read_segment(v, pos, dst, epoch).await?;
             pos += seg;
         }
         Ok(Bytes::from(out))
     }
 
+    /// The entries blocks `[first, first + n)` of a chunk have at snapshot `epoch` (0: the
+    /// newest). Versions a snapshot sees never change while it lives: only blocks written
+    /// since it need a look in RocksDB.
+    async fn entries_at(&self, c: &Chunk, first: u32, n: u32, epoch: u64) -> Result<Vec<Entry>> {
+        if epoch == 0 {
+            return Ok(c.entries(first, n));
+        }
+        let heads = c.heads(first, n);
+        let mut out: Vec<Entry> = heads.iter().map(|h| h.entry).collect();
+        let newer: Vec<u32> = heads
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.entry != Entry::Hole && h.epoch > epoch)
+            .map(|(i, _)| i as u32)
+            .collect();
+        if !newer.is_empty() {
+            let meta = self.meta.clone();
+            let (volume, index) = (c.volume, c.index);
+            let blocks: Vec<u32> = newer.iter().map(|i| first + i).collect();
+            let found = tokio::task::spawn_blocking(move || {
+                meta.entries_at(volume, index, blocks.into_iter(), epoch)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            for (i, e) in newer.into_iter().zip(found) {
+                out[i as usize] = e;
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads within one chunk into `dst`.
-    async fn read_segment(&self, v: &Volume, offset: u64, dst: &mut [u8]) -> Result<()> {
+    async fn read_segment(
+        &self,
+        v: &Volume,
+        offset: u64,
+        dst: &mut [u8],
+        epoch: u64,
+    ) -> Result<()> {
         let c = self.chunk(v, (offset / CHUNK_SIZE) as u32).await?;
         let in_chunk = offset % CHUNK_SIZE;
         let first = (in_chunk / BS) as u32;
@@ -544,7 +605,7 @@ impl ChunkStore {
         let mut scratch =
             if aligned { Vec::new() } else { vec![0u8; (u64::from(n) * BS) as usize] };
         for attempt in 0.. {
-            let entries = c.entries(first, n);
+            let entries = self.entries_at(&c, first, n, epoch).await?;
             let blocks: &mut [u8] = if aligned { &mut *dst } else { &mut scratch };
             self.read_blocks(v, &c, &entries, blocks).await?;
             let mut bad = None;
@@ -566,7 +627,7 @@ impl ChunkStore {
                     return Ok(());
                 }
                 Some((i, stored, computed)) => {
-                    if c.entry(first + i as u32) != entries[i] && attempt < 8 {
+                    if epoch == 0 && c.entry(first + i as u32) != entries[i] && attempt < 8 {
                         continue;
                     }
                     self.checksum_errors.fetch_add(1, Ordering::Relaxed);
@@ -628,12 +689,19 @@ impl ChunkStore {
     /// Writes `data` at `offset` (any alignment; sub-block edges are read-modify-written).
     /// With `fua`, the write is durable before this returns.
     pub async fn write(&self, v: &Volume, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        self.write_as(v, offset, data, fua, Admit::Write).await
+        self.write_as(v, offset, data, fua, Admit::Write, head_at()).await
     }
 
-    /// [`Self::write`] of a replicated write applied from the Raft log: not re-checked.
-    pub async fn apply_write(&self, v: &Volume, offset: u64, data: Bytes) -> Result<()> {
-        self.write_as(v, offset, data, false, Admit::Apply).await
+    /// [`Self::write`] of a replicated write applied from the Raft log: not re-checked;
+    /// written `at` the epoch its group decided.
+    pub async fn apply_write(
+        &self,
+        v: &Volume,
+        offset: u64,
+        data: Bytes,
+        at: At<'_>,
+    ) -> Result<()> {
+        self.write_as(v, offset, data, false, Admit::Apply, at).await
     }
 
     async fn write_as(
@@ -643,6 +711,7 @@ impl ChunkStore {
         data: Bytes,
         fua: bool,
         mode: Admit,
+        at: At<'_>,
     ) -> Result<()> {
         let len = data.len() as u64;
         if len > MAX_IO_SIZE {
@@ -654,7 +723,7 @@ impl ChunkStore {
         while pos < end {
             let seg = (end - pos).min(CHUNK_SIZE - pos % CHUNK_SIZE);
             let src = data.slice((pos - offset) as usize..(pos - offset + seg) as usize);
-            self.write_segment(v, pos, &src).await?;
+            self.write_segment(v, pos, &src, at).await?;
             pos += seg;
         }
         drop(gate);
@@ -664,7 +733,7 @@ impl ChunkStore {
         Ok(())
     }
 
-    async fn write_segment(&self, v: &Volume, offset: u64, src: &[u8]) -> Result<()> {
+    async fn write_segment(&self, v: &Volume, offset: u64, src: &[u8], at: At<'_>) -> Result<()> {
         let c = self.chunk(v, (offset / CHUNK_SIZE) as u32).await?;
         let in_chunk = offset % CHUNK_SIZE;
         let end = in_chunk + src.len() as u64;
@@ -676,20 +745,21 @@ impl ChunkStore {
             while pos < end {
                 let n = (BS - pos % BS).min(end - pos);
                 let s = &src[(pos - in_chunk) as usize..(pos - in_chunk + n) as usize];
-                self.rmw_block(v, &c, (pos / BS) as u32, (pos % BS) as usize, s).await?;
+                self.rmw_block(v, &c, (pos / BS) as u32, (pos % BS) as usize, s, at).await?;
                 pos += n;
             }
             return Ok(());
         }
         if in_chunk < full_start {
             let s = &src[..(full_start - in_chunk) as usize];
-            self.rmw_block(v, &c, (in_chunk / BS) as u32, (in_chunk % BS) as usize, s).await?;
+            self.rmw_block(v, &c, (in_chunk / BS) as u32, (in_chunk % BS) as usize, s, at)
+                .await?;
         }
         let mid = &src[(full_start - in_chunk) as usize..(full_end - in_chunk) as usize];
-        self.write_full_blocks(v, &c, (full_start / BS) as u32, mid).await?;
+        self.write_full_blocks(v, &c, (full_start / BS) as u32, mid, at).await?;
         if full_end < end {
             let s = &src[(full_end - in_chunk) as usize..];
-            self.rmw_block(v, &c, (full_end / BS) as u32, 0, s).await?;
+            self.rmw_block(v, &c, (full_end / BS) as u32, 0, s, at).await?;
         }
         Ok(())
     }
@@ -701,6 +771,7 @@ impl ChunkStore {
         c: &Arc<Chunk>,
         first: u32,
         src: &[u8],
+        at: At<'_>,
     ) -> Result<()> {
         let n = src.len() / BS as usize;
         let block = |i: usize| &src[i * BS as usize..(i + 1) * BS as usize];
@@ -732,7 +803,7 @@ impl ChunkStore {
             c.unalloc(&slots);
             return Err(Error::DataIo { volume: v.id, source });
         }
-        match c.commit(&self.meta, &updates, None) {
+        match c.commit(&self.meta, &updates, None, at) {
             Ok(done) => {
                 self.note_committed(v, c, done.data_delta, done.freed);
                 Ok(())
@@ -753,10 +824,11 @@ impl ChunkStore {
         block: u32,
         within: usize,
         bytes: &[u8],
+        at: At<'_>,
     ) -> Result<()> {
         loop {
             let old = c.entry(block);
-            if matches!(old, Entry::Hole | Entry::Zero) && is_zero(bytes) {
+            if matches!(old, Entry::Hole | Entry::Zero | Entry::Discarded) && is_zero(bytes) {
                 return Ok(()); // zeros over zeros: nothing to do
             }
             let mut merged = vec![0u8; BS as usize];
@@ -791,7 +863,7 @@ impl ChunkStore {
                 }
                 (Entry::Data { slot: slots[0], crc: crc32c::crc32c(&merged) }, slots)
             };
-            match c.commit(&self.meta, &[(block, new)], Some(&[old])) {
+            match c.commit(&self.meta, &[(block, new)], Some(&[old]), at) {
                 Ok(done) if done.applied => {
                     self.note_committed(v, c, done.data_delta, done.freed);
                     return Ok(());
@@ -815,7 +887,7 @@ impl ChunkStore {
         punch: bool,
         fua: bool,
     ) -> Result<()> {
-        self.write_zeroes_as(v, offset, len, punch, fua, Admit::Write).await
+        self.write_zeroes_as(v, offset, len, punch, fua, Admit::Write, head_at()).await
     }
 
     /// [`Self::write_zeroes`] applied from the Raft log: not re-checked.
@@ -825,8 +897,9 @@ impl ChunkStore {
         offset: u64,
         len: u64,
         punch: bool,
+        at: At<'_>,
     ) -> Result<()> {
-        self.write_zeroes_as(v, offset, len, punch, false, Admit::Apply).await
+        self.write_zeroes_as(v, offset, len, punch, false, Admit::Apply, at).await
     }
 
     async fn write_zeroes_as(
@@ -837,13 +910,14 @@ impl ChunkStore {
         punch: bool,
         fua: bool,
         mode: Admit,
+        at: At<'_>,
     ) -> Result<()> {
         let gate = self.admit(v, offset, len, mode).await?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
             let seg = (end - pos).min(CHUNK_SIZE - pos % CHUNK_SIZE);
-            self.zero_segment(v, pos, seg, punch, false).await?;
+            self.zero_segment(v, pos, seg, punch, false, at).await?;
             pos += seg;
         }
         drop(gate);
@@ -856,12 +930,12 @@ impl ChunkStore {
     /// Discards the whole blocks of `[offset, offset + len)`; they read back as zeros.
     /// Partial blocks at the edges are left alone (trim is advisory).
     pub async fn trim(&self, v: &Volume, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.trim_as(v, offset, len, fua, Admit::Write).await
+        self.trim_as(v, offset, len, fua, Admit::Write, head_at()).await
     }
 
     /// [`Self::trim`] applied from the Raft log: not re-checked.
-    pub async fn apply_trim(&self, v: &Volume, offset: u64, len: u64) -> Result<()> {
-        self.trim_as(v, offset, len, false, Admit::Apply).await
+    pub async fn apply_trim(&self, v: &Volume, offset: u64, len: u64, at: At<'_>) -> Result<()> {
+        self.trim_as(v, offset, len, false, Admit::Apply, at).await
     }
 
     async fn trim_as(
@@ -871,6 +945,7 @@ impl ChunkStore {
         len: u64,
         fua: bool,
         mode: Admit,
+        at: At<'_>,
     ) -> Result<()> {
         let gate = self.admit(v, offset, len, mode).await?;
         let start = offset.div_ceil(BS) * BS;
@@ -878,7 +953,7 @@ impl ChunkStore {
         let mut pos = start;
         while pos < end {
             let seg = (end - pos).min(CHUNK_SIZE - pos % CHUNK_SIZE);
-            self.zero_segment(v, pos, seg, true, true).await?;
+            self.zero_segment(v, pos, seg, true, true, at).await?;
             pos += seg;
         }
         drop(gate);
@@ -896,6 +971,7 @@ impl ChunkStore {
         len: u64,
         punch: bool,
         whole_only: bool,
+        at: At<'_>,
     ) -> Result<()> {
         let c = self.chunk(v, (offset / CHUNK_SIZE) as u32).await?;
         let in_chunk = offset % CHUNK_SIZE;
@@ -922,7 +998,7 @@ impl ChunkStore {
             }
             for (pos, n) in edges {
                 let z = &zeros[..n as usize];
-                self.rmw_block(v, &c, (pos / BS) as u32, (pos % BS) as usize, z).await?;
+                self.rmw_block(v, &c, (pos / BS) as u32, (pos % BS) as usize, z, at).await?;
             }
         }
         if full_start < full_end {
@@ -930,15 +1006,17 @@ impl ChunkStore {
             let first = (full_start / BS) as u32;
             let n = ((full_end - full_start) / BS) as u32;
             let current = c.entries(first, n);
+            // A discard over a discard changes nothing any epoch reads.
+            let same = |e: Entry| e == new || (new == Entry::Hole && e == Entry::Discarded);
             let updates: Vec<(u32, Entry)> = current
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| **e != new)
+                .filter(|(_, e)| !same(**e))
                 .map(|(i, _)| (first + i as u32, new))
                 .collect();
             // One batch per 4096 blocks keeps RocksDB batches (and lock hold times) small.
             for part in updates.chunks(4096) {
-                let done = c.commit(&self.meta, part, None)?;
+                let done = c.commit(&self.meta, part, None, at)?;
                 self.note_committed(v, &c, done.data_delta, done.freed);
             }
         }
@@ -952,12 +1030,25 @@ impl ChunkStore {
         offset: u64,
         len: u64,
     ) -> Result<Vec<(u64, Entry)>> {
+        self.block_status_at(v, offset, len, 0).await
+    }
+
+    /// [`Self::block_status`] at snapshot `epoch` (0: the head). Discarded blocks are
+    /// reported as holes.
+    pub async fn block_status_at(
+        &self,
+        v: &Volume,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    ) -> Result<Vec<(u64, Entry)>> {
         let _gate = self.admit(v, offset, len, Admit::Read).await?;
         let mut out: Vec<(u64, Entry)> = Vec::new();
         let mut pos = offset;
         let end = offset + len;
         let class = |e: Entry| match e {
             Entry::Data { .. } => Entry::Data { slot: 0, crc: 0 },
+            Entry::Discarded => Entry::Hole,
             other => other,
         };
         while pos < end {
@@ -966,7 +1057,7 @@ impl ChunkStore {
             let c = self.chunk(v, (pos / CHUNK_SIZE) as u32).await?;
             let first = ((pos % CHUNK_SIZE) / BS) as u32;
             let last = (((seg_end - 1) % CHUNK_SIZE) / BS) as u32;
-            let entries = c.entries(first, last - first + 1);
+            let entries = self.entries_at(&c, first, last - first + 1, epoch).await?;
             for e in entries {
                 let n = (BS - pos % BS).min(seg_end - pos);
                 let e = class(e);
@@ -1044,3 +1135,7 @@ fn v_offset(c: &Chunk, block: u32) -> u64 {
 }
 
 const _: () = assert!(BLOCKS_PER_CHUNK <= u32::MAX as u64);
+
+#[path = "store_epochs.rs"]
+mod epochs;
+pub use epochs::Usage;

@@ -174,3 +174,112 @@ async fn trimmed_space_is_released() {
     let size = std::fs::metadata(&path).unwrap().len();
     assert!(size <= 16 * MIB, "file grew to {size}");
 }
+
+/// Versions and snapshots in the chunk store: what each epoch reads, what a reclaim frees,
+/// the changes between epochs, and all of it across a restart.
+#[tokio::test]
+async fn epochs_keep_what_snapshots_see() {
+    use crate::chunk::At;
+    use crate::epoch::Epochs;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), EngineKind::Sync);
+    let v = vol(&s, "e", 128 * MIB).await;
+    let mut ep = Epochs::default();
+    let b = 4096u64;
+    // Epoch 1: blocks 0..4 hold A; block 4 holds zeros; chunk 1 block 0 holds A.
+    let a = pattern(4 * b as usize, 1);
+    s.apply_write(&v, 0, a.clone(), At::Epoch { epoch: 1, epochs: &ep }).await.unwrap();
+    s.apply_write(&v, 64 * MIB, a.slice(..4096), At::Epoch { epoch: 1, epochs: &ep })
+        .await
+        .unwrap();
+    s.apply_write_zeroes(&v, 4 * b, b, false, At::Epoch { epoch: 1, epochs: &ep }).await.unwrap();
+    // Overwrites within one epoch replace: still 5 data blocks.
+    s.apply_write(&v, 0, a.slice(..4096), At::Epoch { epoch: 1, epochs: &ep }).await.unwrap();
+    assert_eq!(v.allocated_bytes(), 5 * b);
+    ep.snapshot(1);
+    // Epoch 2: block 0 rewritten, block 1 trimmed, block 2 zeroed; block 3 untouched.
+    let bb = pattern(b as usize, 2);
+    s.apply_write(&v, 0, bb.clone(), At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    s.apply_trim(&v, b, b, At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    s.apply_write_zeroes(&v, 2 * b, b, false, At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    // A second write at epoch 2 replaces the first (snapshot 1 keeps its own).
+    let cc = pattern(b as usize, 3);
+    s.apply_write(&v, 0, cc.clone(), At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    assert_eq!(v.allocated_bytes(), 6 * b, "5 kept for snapshot 1, 1 new");
+
+    let check = |s: Arc<ChunkStore>, v: Arc<Volume>, a: Bytes, cc: Bytes| async move {
+        let head = s.read_at(&v, 0, 5 * b, 0).await.unwrap();
+        assert_eq!(&head[..4096], &cc[..]);
+        assert!(head[4096..3 * 4096].iter().all(|&x| x == 0));
+        assert_eq!(&head[3 * 4096..4 * 4096], &a[3 * 4096..]);
+        let snap = s.read_at(&v, 0, 4 * b, 1).await.unwrap();
+        assert_eq!(&snap[..4096], &a[..4096]);
+        assert_eq!(&snap[4096..], &a[4096..]);
+        // Block status: the trimmed block is a hole at the head, data in the snapshot.
+        let st = s.block_status_at(&v, b, b, 0).await.unwrap();
+        assert_eq!(st, vec![(b, Entry::Hole)]);
+        let st = s.block_status_at(&v, b, b, 1).await.unwrap();
+        assert!(matches!(st[0].1, Entry::Data { .. }));
+    };
+    check(s.clone(), v.clone(), a.clone(), cc.clone()).await;
+
+    // Changes: from nothing to snapshot 1, and from snapshot 1 to the head.
+    let all = s.changes(&v, &[0, 1], 0, 1).await.unwrap();
+    assert_eq!(all, vec![(0, 4 * b, false), (4 * b, b, true), (64 * MIB, b, false)]);
+    let since = s.changes(&v, &[0, 1], 1, 0).await.unwrap();
+    assert_eq!(since, vec![(0, b, false), (b, 2 * b, true)]);
+
+    // Usage: blocks 0-2's old versions are snapshot 1's alone; block 0's new one the head's.
+    let u = s.usage(&v, &[0, 1], &ep).await.unwrap();
+    assert_eq!(u.total, 6);
+    assert_eq!(u.head_only, 1);
+    assert_eq!(u.exclusive.get(&1), Some(&3), "the old blocks 0, 1 and 2");
+
+    // A restart keeps every version.
+    drop((s, v));
+    let s = open(dir.path(), EngineKind::Sync);
+    let v = s.get_by_name("e").unwrap();
+    check(s.clone(), v.clone(), a.clone(), cc.clone()).await;
+    assert_eq!(v.allocated_bytes(), 6 * b);
+
+    // Deleting the snapshot and reclaiming frees what only it held.
+    ep.delete(1);
+    let freed = s.collect(&v, &[0, 1], &ep).await.unwrap();
+    assert_eq!(freed, 3);
+    assert_eq!(v.allocated_bytes(), 3 * b);
+    let head = s.read_at(&v, 0, 4 * b, 0).await.unwrap();
+    assert_eq!(&head[..4096], &cc[..]);
+    assert!(head[4096..3 * 4096].iter().all(|&x| x == 0));
+    assert_eq!(s.block_status_at(&v, b, b, 0).await.unwrap(), vec![(b, Entry::Hole)]);
+    let versions = s.chunk_versions(&v, 0).await.unwrap();
+    assert_eq!(versions.len(), 4, "blocks 0, 2, 3, 4; no discard left: {versions:?}");
+    assert_eq!(
+        s.changes(&v, &[0, 1], 0, 0).await.unwrap(),
+        vec![(0, b, false), (2 * b, b, true), (3 * b, b, false), (4 * b, b, true), (64 * MIB, b, false)]
+    );
+
+    // Wiping a chunk removes every version.
+    s.wipe_chunk(&v, 0).await.unwrap();
+    assert!(s.chunk_versions(&v, 0).await.unwrap().is_empty());
+    assert!(s.read(&v, 0, 5 * b).await.unwrap().iter().all(|&x| x == 0));
+}
+
+/// A write that learned of a snapshot this replica has not applied yet keeps the version
+/// below it: the snapshot, once applied, sees it.
+#[tokio::test]
+async fn write_ahead_of_a_snapshot_keeps_the_version() {
+    use crate::chunk::At;
+    use crate::epoch::Epochs;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), EngineKind::Sync);
+    let v = vol(&s, "w", 64 * MIB).await;
+    let mut ep = Epochs::default();
+    let a = pattern(4096, 7);
+    s.apply_write(&v, 0, a.clone(), At::Epoch { epoch: 1, epochs: &ep }).await.unwrap();
+    s.apply_write(&v, 0, pattern(4096, 8), At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    ep.snapshot(1);
+    assert_eq!(s.read_at(&v, 0, 4096, 1).await.unwrap(), a);
+    // A version below the newest at a higher epoch than the write is refused.
+    let r = s.apply_write(&v, 0, a.clone(), At::Epoch { epoch: 1, epochs: &ep }).await;
+    assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");
+}

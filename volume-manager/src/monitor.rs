@@ -47,6 +47,19 @@ pub async fn watch_nodes(m: Arc<Manager>, down_after: Duration) {
     }
 }
 
+/// The leader finishes snapshot creations and deletions that a failure interrupted (a
+/// manager killed half-way, a storage node that did not answer), every few seconds.
+pub async fn finish_snapshots(m: Arc<Manager>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if m.raft.metrics().borrow().current_leader == Some(m.id) {
+            m.finish_interrupted_snapshots().await;
+        }
+    }
+}
+
 /// How the leader keeps the storage cluster whole: a member that is draining, or down for
 /// longer than `replace_after`, has its replicas moved to a spare node of its datacenter (a
 /// registered node that is up and not a member; the one with the most free space), one node

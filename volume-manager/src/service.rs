@@ -20,7 +20,8 @@ use tonic::{Request, Response, Status};
 use crate::raft::network::Network;
 use crate::raft::Raft;
 use crate::state::{
-    Attachment, Class, Cmd, NodeRecord, NodeState, Reply, State, StorageCluster, VolumeRecord,
+    Attachment, Class, Cmd, NodeRecord, NodeState, Reply, SnapshotRecord, SnapshotState, State,
+    StorageCluster, VolumeRecord,
 };
 use crate::storage;
 
@@ -114,6 +115,24 @@ fn attachment_to_wire(a: &Attachment, state: &State) -> v1::Attachment {
         host: a.host.clone(),
         generation: a.generation,
         attached_at: a.attached_at,
+        epoch: state.head_epoch(a.volume_id),
+    }
+}
+
+fn snapshot_to_wire(s: &SnapshotRecord, state: &State, exclusive: u64) -> v1::Snapshot {
+    v1::Snapshot {
+        volume_id: s.volume_id,
+        volume: state.volumes.get(&s.volume_id).map(|v| v.name.clone()).unwrap_or_default(),
+        name: s.name.clone(),
+        epoch: s.epoch,
+        created_at: s.created_at,
+        size_bytes: s.size,
+        state: match s.state {
+            SnapshotState::Creating => v1::SnapshotState::Creating,
+            SnapshotState::Ready => v1::SnapshotState::Ready,
+            SnapshotState::Deleting => v1::SnapshotState::Deleting,
+        } as i32,
+        exclusive_bytes: exclusive,
     }
 }
 
@@ -392,6 +411,103 @@ impl Manager {
         let g = fenced.entry(v.id).or_insert(0);
         *g = (*g).max(a.generation);
         Ok(())
+    }
+
+    // ------------------------------------------------------------------ snapshots (leader)
+
+    async fn create_snapshot_here(
+        &self,
+        req: v1::CreateSnapshotRequest,
+    ) -> Result<v1::Snapshot, Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        let name = if req.name.is_empty() {
+            format!("snap-{}", self.state.read().head_epoch(v.id))
+        } else {
+            validate_volume_name(&req.name).map_err(|e| {
+                Status::invalid_argument(format!("bad snapshot name: {e}"))
+            })?;
+            req.name
+        };
+        let cmd = Cmd::CreateSnapshot { volume_id: v.id, name, now: now_secs() };
+        let Reply::Snapshot(rec) = self.propose(cmd).await? else {
+            return Err(Status::internal("unexpected reply to a snapshot creation"));
+        };
+        let rec = self.finish_snapshot(rec).await?;
+        tracing::info!(volume = %v.name, snapshot = %rec.name, epoch = rec.epoch, "snapshot created");
+        let st = self.state.read();
+        Ok(snapshot_to_wire(&rec, &st, 0))
+    }
+
+    async fn delete_snapshot_here(&self, req: v1::DeleteSnapshotRequest) -> Result<(), Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        let rec = self.find_snapshot(&v, &req.name)?;
+        let cmd = Cmd::DeleteSnapshot { volume_id: v.id, epoch: rec.epoch };
+        let Reply::Snapshot(rec) = self.propose(cmd).await? else {
+            return Err(Status::internal("unexpected reply to a snapshot deletion"));
+        };
+        self.finish_snapshot(rec).await?;
+        tracing::info!(volume = %v.name, snapshot = %req.name, "snapshot deleted");
+        Ok(())
+    }
+
+    fn find_snapshot(&self, v: &VolumeRecord, name: &str) -> Result<SnapshotRecord, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("a snapshot name is required"));
+        }
+        self.state.read().snapshot_by_name(v.id, name).cloned().ok_or_else(|| {
+            Status::not_found(format!("volume {:?} has no snapshot named {name:?}", v.name))
+        })
+    }
+
+    /// Brings a snapshot being created or deleted to its end: commits that in every chunk
+    /// group (idempotent, so also after an interruption), then records it.
+    pub async fn finish_snapshot(&self, rec: SnapshotRecord) -> Result<SnapshotRecord, Status> {
+        let (id, epoch) = (rec.volume_id, rec.epoch);
+        match rec.state {
+            SnapshotState::Ready => Ok(rec),
+            SnapshotState::Creating => {
+                storage::snapshot_volume(&self.storage_addresses(), id, epoch, false).await?;
+                match self.propose(Cmd::SnapshotCreated { volume_id: id, epoch }).await? {
+                    Reply::Snapshot(r) => Ok(r),
+                    other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+                }
+            }
+            SnapshotState::Deleting => {
+                match storage::snapshot_volume(&self.storage_addresses(), id, epoch, true).await {
+                    Ok(()) => {}
+                    // The volume is gone, and every version with it.
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => return Err(s),
+                }
+                self.propose(Cmd::SnapshotDeleted { volume_id: id, epoch }).await?;
+                Ok(rec)
+            }
+        }
+    }
+
+    /// Finishes snapshot creations and deletions a failure interrupted (leader only; skipped
+    /// while a volume administration call runs, which may be finishing one itself).
+    pub async fn finish_interrupted_snapshots(&self) {
+        let Ok(_admin) = self.admin.try_lock() else { return };
+        let open: Vec<SnapshotRecord> = self
+            .state
+            .read()
+            .snapshots
+            .values()
+            .filter(|s| s.state != SnapshotState::Ready)
+            .cloned()
+            .collect();
+        for rec in open {
+            let what = format!("{:?} of volume {} ({:?})", rec.name, rec.volume_id, rec.state);
+            match self.finish_snapshot(rec).await {
+                Ok(_) => tracing::info!("finished the interrupted snapshot {what}"),
+                Err(s) => tracing::warn!("finishing the snapshot {what}: {}", s.message()),
+            }
+        }
     }
 
     // ------------------------------------------------------------------ storage cluster
@@ -807,6 +923,101 @@ impl v1::manager_server::Manager for Service {
         let m = &self.0;
         forward!(m, req, ManagerClient, cluster_status);
         m.cluster_status_here().await.map(Response::new)
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<v1::CreateSnapshotRequest>,
+    ) -> Result<Response<v1::Snapshot>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, create_snapshot);
+        m.create_snapshot_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<v1::GetSnapshotRequest>,
+    ) -> Result<Response<v1::Snapshot>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, get_snapshot);
+        m.linearize().await?;
+        let r = req.into_inner();
+        let v = m.find_volume(r.volume.as_ref())?;
+        let rec = m.find_snapshot(&v, &r.name)?;
+        let st = m.state.read();
+        Ok(Response::new(snapshot_to_wire(&rec, &st, 0)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<v1::ListSnapshotsRequest>,
+    ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, list_snapshots);
+        m.linearize().await?;
+        let r = req.into_inner();
+        let v = m.find_volume(r.volume.as_ref())?;
+        let usage = if r.with_usage {
+            Some(storage::volume_usage(&m.storage_addresses(), v.id).await?)
+        } else {
+            None
+        };
+        let exclusive = |epoch: u64| {
+            usage.as_ref().map_or(0, |u| {
+                u.exclusive.iter().find(|e| e.epoch == epoch).map_or(0, |e| e.bytes)
+            })
+        };
+        let st = m.state.read();
+        let snapshots =
+            st.snapshots_of(v.id).map(|s| snapshot_to_wire(s, &st, exclusive(s.epoch))).collect();
+        Ok(Response::new(v1::ListSnapshotsResponse {
+            snapshots,
+            total_bytes: usage.as_ref().map_or(0, |u| u.total_bytes),
+            head_only_bytes: usage.as_ref().map_or(0, |u| u.head_only_bytes),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<v1::DeleteSnapshotRequest>,
+    ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, delete_snapshot);
+        m.delete_snapshot_here(req.into_inner()).await?;
+        Ok(Response::new(v1::DeleteSnapshotResponse {}))
+    }
+
+    async fn diff_snapshots(
+        &self,
+        req: Request<v1::DiffSnapshotsRequest>,
+    ) -> Result<Response<v1::DiffSnapshotsResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, diff_snapshots);
+        m.linearize().await?;
+        let r = req.into_inner();
+        let v = m.find_volume(r.volume.as_ref())?;
+        let epoch_of = |name: &str| -> Result<u64, Status> {
+            if name.is_empty() {
+                return Ok(0);
+            }
+            let s = m.find_snapshot(&v, name)?;
+            if s.state != SnapshotState::Ready {
+                return Err(Status::failed_precondition(format!(
+                    "snapshot {name:?} is {:?}",
+                    s.state
+                )));
+            }
+            Ok(s.epoch)
+        };
+        let (from, to) = (epoch_of(&r.from)?, epoch_of(&r.to)?);
+        if from != 0 && to != 0 && from >= to {
+            return Err(Status::invalid_argument(format!(
+                "snapshot {:?} is not older than {:?}",
+                r.from, r.to
+            )));
+        }
+        let extents = storage::volume_changes(&m.storage_addresses(), v.id, from, to).await?;
+        Ok(Response::new(v1::DiffSnapshotsResponse { extents }))
     }
 
     async fn get_cluster_config(

@@ -67,6 +67,33 @@ pub struct State {
     pub cluster: Option<StorageCluster>,
     /// The node whose replicas are being moved to a spare, if any (one at a time).
     pub moving: Option<Move>,
+    /// Each volume's head epoch, the epoch of its next snapshot (absent: [`FIRST_EPOCH`]).
+    /// Never goes down, so an epoch is never reused.
+    pub epochs: BTreeMap<u64, u64>,
+    /// Snapshots by `(volume id, epoch)`.
+    pub snapshots: BTreeMap<(u64, u64), SnapshotRecord>,
+}
+
+/// A volume's first head epoch (epoch 0 is never a snapshot).
+pub const FIRST_EPOCH: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotState {
+    /// Recorded; being committed in every chunk group.
+    Creating,
+    Ready,
+    /// Being deleted in every chunk group.
+    Deleting,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub volume_id: u64,
+    pub name: String,
+    pub epoch: u64,
+    pub created_at: u64,
+    pub size: u64,
+    pub state: SnapshotState,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +159,28 @@ pub enum Cmd {
         old: u64,
         new: u64,
     },
+    /// Records a snapshot of the volume at its head epoch (the volume moves on to the next);
+    /// it is `Creating` until every chunk group committed it.
+    CreateSnapshot {
+        volume_id: u64,
+        name: String,
+        now: u64,
+    },
+    /// Every chunk group committed the snapshot.
+    SnapshotCreated {
+        volume_id: u64,
+        epoch: u64,
+    },
+    /// Marks the snapshot `Deleting` (refused while it is being created).
+    DeleteSnapshot {
+        volume_id: u64,
+        epoch: u64,
+    },
+    /// Every chunk group committed the deletion: the record goes.
+    SnapshotDeleted {
+        volume_id: u64,
+        epoch: u64,
+    },
 }
 
 /// What a command did, or why it was refused (the same on every replica).
@@ -143,6 +192,7 @@ pub enum Reply {
     Volume(VolumeRecord),
     Attachment(Attachment),
     Cluster(StorageCluster),
+    Snapshot(SnapshotRecord),
     Refused(Refusal),
 }
 
@@ -172,6 +222,20 @@ impl From<Refusal> for tonic::Status {
 impl State {
     pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
         self.volumes.values().find(|v| v.name == name)
+    }
+
+    /// A volume's head epoch: the one its writes carry.
+    pub fn head_epoch(&self, volume_id: u64) -> u64 {
+        self.epochs.get(&volume_id).copied().unwrap_or(FIRST_EPOCH)
+    }
+
+    /// The snapshots of a volume, oldest first.
+    pub fn snapshots_of(&self, volume_id: u64) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots.range((volume_id, 0)..=(volume_id, u64::MAX)).map(|(_, s)| s)
+    }
+
+    pub fn snapshot_by_name(&self, volume_id: u64, name: &str) -> Option<&SnapshotRecord> {
+        self.snapshots_of(volume_id).find(|s| s.name == name)
     }
 
     pub fn apply(&mut self, cmd: Cmd) -> Reply {
@@ -279,6 +343,12 @@ impl State {
                     )));
                 }
                 self.volumes.remove(&id);
+                // The storage cluster dropped every version with the volume.
+                let snaps: Vec<(u64, u64)> =
+                    self.snapshots.range((id, 0)..=(id, u64::MAX)).map(|(k, _)| *k).collect();
+                for k in snaps {
+                    self.snapshots.remove(&k);
+                }
                 Ok(Reply::Done)
             }
             Cmd::Attach { volume_id, host, takeover, now } => {
@@ -370,6 +440,72 @@ impl State {
                         }
                     }
                 }
+                Ok(Reply::Done)
+            }
+            Cmd::CreateSnapshot { volume_id, name, now } => {
+                let v = self
+                    .volumes
+                    .get(&volume_id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no volume with id {volume_id}")))?;
+                if v.class != Class::Replicated {
+                    return Err(Refusal::InvalidArgument(format!(
+                        "volume {:?} is local: snapshots need the replicated class",
+                        v.name
+                    )));
+                }
+                if self.snapshot_by_name(volume_id, &name).is_some() {
+                    return Err(Refusal::AlreadyExists(format!(
+                        "volume {:?} has a snapshot named {name:?} already",
+                        v.name
+                    )));
+                }
+                if let Some(s) =
+                    self.snapshots_of(volume_id).find(|s| s.state != SnapshotState::Ready)
+                {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "snapshot {:?} of volume {:?} is still being {}; try again shortly",
+                        s.name,
+                        v.name,
+                        if s.state == SnapshotState::Creating { "created" } else { "deleted" }
+                    )));
+                }
+                let epoch = self.head_epoch(volume_id);
+                let rec = SnapshotRecord {
+                    volume_id,
+                    name,
+                    epoch,
+                    created_at: now,
+                    size: v.size,
+                    state: SnapshotState::Creating,
+                };
+                self.epochs.insert(volume_id, epoch + 1);
+                self.snapshots.insert((volume_id, epoch), rec.clone());
+                Ok(Reply::Snapshot(rec))
+            }
+            Cmd::SnapshotCreated { volume_id, epoch } => {
+                let s = self.snapshots.get_mut(&(volume_id, epoch)).ok_or_else(|| {
+                    Refusal::NotFound(format!("no snapshot at epoch {epoch} of volume {volume_id}"))
+                })?;
+                if s.state == SnapshotState::Creating {
+                    s.state = SnapshotState::Ready;
+                }
+                Ok(Reply::Snapshot(s.clone()))
+            }
+            Cmd::DeleteSnapshot { volume_id, epoch } => {
+                let s = self.snapshots.get_mut(&(volume_id, epoch)).ok_or_else(|| {
+                    Refusal::NotFound(format!("no snapshot at epoch {epoch} of volume {volume_id}"))
+                })?;
+                if s.state == SnapshotState::Creating {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "snapshot {:?} is still being created; try again shortly",
+                        s.name
+                    )));
+                }
+                s.state = SnapshotState::Deleting;
+                Ok(Reply::Snapshot(s.clone()))
+            }
+            Cmd::SnapshotDeleted { volume_id, epoch } => {
+                self.snapshots.remove(&(volume_id, epoch));
                 Ok(Reply::Done)
             }
             Cmd::Detach { volume_id, host } => match self.attachments.get(&volume_id) {
@@ -531,5 +667,43 @@ mod tests {
         ));
         assert_eq!(s.apply(Cmd::DeleteVolume { id: 1 }), Reply::Done);
         assert!(s.volume_by_name("a").is_none());
+    }
+
+    #[test]
+    fn snapshots_take_the_head_epoch_one_at_a_time() {
+        let mut s = State::default();
+        s.apply(Cmd::CreateVolume(vol(1, "a")));
+        let snap = |name: &str| Cmd::CreateSnapshot { volume_id: 1, name: name.into(), now: 9 };
+        let Reply::Snapshot(a) = s.apply(snap("a")) else { panic!() };
+        assert_eq!((a.epoch, a.state), (FIRST_EPOCH, SnapshotState::Creating));
+        assert_eq!(s.head_epoch(1), 2);
+        // One at a time per volume, and names are unique per volume.
+        assert!(matches!(s.apply(snap("b")), Reply::Refused(Refusal::FailedPrecondition(_))));
+        s.apply(Cmd::SnapshotCreated { volume_id: 1, epoch: 1 });
+        assert!(matches!(s.apply(snap("a")), Reply::Refused(Refusal::AlreadyExists(_))));
+        let Reply::Snapshot(b) = s.apply(snap("b")) else { panic!() };
+        assert_eq!(b.epoch, 2);
+        assert!(matches!(
+            s.apply(Cmd::DeleteSnapshot { volume_id: 1, epoch: 2 }),
+            Reply::Refused(Refusal::FailedPrecondition(_))
+        ));
+        s.apply(Cmd::SnapshotCreated { volume_id: 1, epoch: 2 });
+        assert!(matches!(
+            s.apply(Cmd::DeleteSnapshot { volume_id: 1, epoch: 1 }),
+            Reply::Snapshot(r) if r.state == SnapshotState::Deleting
+        ));
+        s.apply(Cmd::SnapshotDeleted { volume_id: 1, epoch: 1 });
+        assert_eq!(s.snapshots_of(1).map(|r| r.name.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        // Epochs are never reused, even after deletions.
+        let Reply::Snapshot(c) = s.apply(snap("a")) else { panic!() };
+        assert_eq!(c.epoch, 3);
+        // Local volumes have none; a deleted volume's go with it.
+        let mut local = vol(2, "l");
+        local.class = Class::Local;
+        s.apply(Cmd::CreateVolume(local));
+        let r = s.apply(Cmd::CreateSnapshot { volume_id: 2, name: "x".into(), now: 1 });
+        assert!(matches!(r, Reply::Refused(Refusal::InvalidArgument(_))));
+        s.apply(Cmd::DeleteVolume { id: 1 });
+        assert_eq!(s.snapshots_of(1).count(), 0);
     }
 }

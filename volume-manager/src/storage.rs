@@ -123,6 +123,45 @@ pub async fn fence_volume(addresses: &[String], id: u64, generation: u64) -> Res
     .await
 }
 
+/// Commits the creation (or deletion) of the snapshot at `epoch` in every chunk group (see
+/// `Cluster.SnapshotVolume`).
+pub async fn snapshot_volume(
+    addresses: &[String],
+    id: u64,
+    epoch: u64,
+    delete: bool,
+) -> Result<(), Status> {
+    first_answer(addresses, |ch| async move {
+        let req = v1::SnapshotVolumeRequest { volume_id: id, epoch, delete, group: None };
+        ClusterClient::new(ch).snapshot_volume(req).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The ranges that differ between two epochs (see `Cluster.VolumeChanges`).
+pub async fn volume_changes(
+    addresses: &[String],
+    id: u64,
+    from: u64,
+    to: u64,
+) -> Result<Vec<v1::ChangedExtent>, Status> {
+    first_answer(addresses, |ch| async move {
+        let req = v1::VolumeChangesRequest { volume_id: id, from_epoch: from, to_epoch: to, group: None };
+        Ok(ClusterClient::new(ch).volume_changes(req).await?.into_inner().extents)
+    })
+    .await
+}
+
+/// The space a volume's versions hold (see `Cluster.VolumeUsage`).
+pub async fn volume_usage(addresses: &[String], id: u64) -> Result<v1::VolumeUsageReply, Status> {
+    first_answer(addresses, |ch| async move {
+        let req = v1::VolumeUsageRequest { volume_id: id, group: None };
+        Ok(ClusterClient::new(ch).volume_usage(req).await?.into_inner())
+    })
+    .await
+}
+
 /// Asks the storage node at `address` to move every replica of `old` to `new` (it drives the
 /// move; asking again resumes, skipping groups already moved). Returns its progress.
 pub async fn replace_node(

@@ -176,7 +176,9 @@ impl Cluster {
                 store.clone(),
                 meta.clone(),
                 created.clone(),
+                transport.epochs[group as usize].clone(),
             )?;
+            sm.resume_collects();
             let net = GroupNetworkFactory { group, transport: transport.clone() };
             rafts.push(Raft::new(cfg.node_id, config.clone(), net, log, sm).await?);
         }
@@ -349,10 +351,9 @@ impl Cluster {
     /// group committed it.
     pub async fn fence_volume(&self, volume: u64, generation: u64) -> Result<()> {
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
-        let results = futures::future::join_all(
-            groups.iter().map(|&g| self.fence_on_leader(g, volume, generation)),
-        )
-        .await;
+        let op = GroupOp::Fence { volume, generation };
+        let results =
+            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await;
         for (g, r) in groups.iter().zip(results) {
             r.map_err(|e| match e {
                 Error::Refused { .. } => e,
@@ -361,51 +362,6 @@ impl Cluster {
         }
         tracing::info!(volume, generation, groups = groups.len(), "volume fenced");
         Ok(())
-    }
-
-    /// Proposes the fence on `group`'s leader (this node, or the one it names), retrying
-    /// through an election for a few seconds.
-    async fn fence_on_leader(&self, group: u32, volume: u64, generation: u64) -> Result<()> {
-        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let leader = raft.metrics().borrow().current_leader;
-            let r = match leader {
-                Some(l) if l == self.cfg.node_id => {
-                    self.fence_group(group, volume, generation).await
-                }
-                Some(l) => match self.address_of(l) {
-                    Some(addr) => {
-                        let req = tern_proto::v1::FenceGroupRequest {
-                            group,
-                            volume_id: volume,
-                            generation,
-                        };
-                        match tern_proto::v1::cluster_client::ClusterClient::connect(format!(
-                            "http://{addr}"
-                        ))
-                        .await
-                        {
-                            Ok(mut c) => c
-                                .fence_group(req)
-                                .await
-                                .map(|_| ())
-                                .map_err(|s| Error::Unavailable(s.message().to_string())),
-                            Err(e) => Err(Error::Unavailable(e.to_string())),
-                        }
-                    }
-                    None => Err(Error::Unavailable(format!("leader {l} unknown"))),
-                },
-                None => Err(Error::Unavailable(format!("group {group} has no leader"))),
-            };
-            match r {
-                Err(Error::Unavailable(m)) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(group, "fence: {m}; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                r => return r,
-            }
-        }
     }
 
     /// On `group`'s leader: commits the fence in the group's log.
@@ -623,6 +579,9 @@ impl Cluster {
         match reply {
             Reply::Done | Reply::Volume(_) => Ok(()),
             Reply::Refused { code, message } => Err(Error::Refused { code, message }),
+            Reply::StaleEpoch { volume, epoch, floor } => {
+                Err(Error::StaleEpoch { volume, epoch, floor })
+            }
         }
     }
 
@@ -633,6 +592,7 @@ impl Cluster {
         data: Bytes,
         fua: bool,
         generation: u64,
+        epoch: u64,
     ) -> Result<()> {
         let len = data.len() as u64;
         if len > tern_common::MAX_IO_SIZE {
@@ -643,7 +603,7 @@ impl Cluster {
             self.linearize(group).await?;
             return self.store.write(v, offset, data, fua).await;
         }
-        let cmd = Cmd::Write { volume: v.id.0, offset, data, fua, generation };
+        let cmd = Cmd::Write { volume: v.id.0, offset, data, fua, generation, epoch };
         Self::done(self.propose(group, cmd).await?)
     }
 
@@ -655,13 +615,15 @@ impl Cluster {
         punch: bool,
         fua: bool,
         generation: u64,
+        epoch: u64,
     ) -> Result<()> {
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
             return self.store.write_zeroes(v, offset, len, punch, fua).await;
         }
-        let cmd = Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua, generation };
+        let cmd =
+            Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua, generation, epoch };
         Self::done(self.propose(group, cmd).await?)
     }
 
@@ -672,13 +634,14 @@ impl Cluster {
         len: u64,
         fua: bool,
         generation: u64,
+        epoch: u64,
     ) -> Result<()> {
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
             return self.store.trim(v, offset, len, fua).await;
         }
-        let cmd = Cmd::Trim { volume: v.id.0, offset, len, fua, generation };
+        let cmd = Cmd::Trim { volume: v.id.0, offset, len, fua, generation, epoch };
         Self::done(self.propose(group, cmd).await?)
     }
 
@@ -695,13 +658,31 @@ impl Cluster {
         Self::done(self.propose(group, Cmd::Flush).await?)
     }
 
-    pub async fn read(&self, v: &Volume, offset: u64, len: u64) -> Result<Bytes> {
+    /// Reads at snapshot `epoch` (0: the head).
+    pub async fn read(&self, v: &Volume, offset: u64, len: u64, epoch: u64) -> Result<Bytes> {
         if len > tern_common::MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: tern_common::MAX_IO_SIZE });
         }
         let group = self.check(v, offset, len, false)?;
         self.linearize(group).await?;
+        if epoch != 0 {
+            self.check_snapshot(group, v.id.0, epoch)?;
+            return self.store.read_at(v, offset, len, epoch).await;
+        }
         self.read_repairing(v, group, offset, len).await
+    }
+
+    /// Refuses `epoch` unless it is a live snapshot of `volume` in `group` here.
+    fn check_snapshot(&self, group: u32, volume: u64, epoch: u64) -> Result<()> {
+        let live = self.transport.epochs[group as usize]
+            .lock()
+            .get(&volume)
+            .is_some_and(|e| e.has(epoch));
+        if live {
+            Ok(())
+        } else {
+            Err(Error::NoSnapshot { volume, epoch })
+        }
     }
 
     /// Reads, repairing damaged blocks from the other replicas on the way: a read never
@@ -819,11 +800,236 @@ impl Cluster {
         v: &Volume,
         offset: u64,
         len: u64,
+        epoch: u64,
     ) -> Result<Vec<(u64, crate::meta::Entry)>> {
         // Clip to the chunk: the frontend asks one chunk at a time.
         let clipped = len.min(CHUNK_SIZE - offset % CHUNK_SIZE);
         let group = self.check(v, offset, clipped, false)?;
         self.linearize(group).await?;
-        self.store.block_status(v, offset, clipped).await
+        if epoch != 0 {
+            self.check_snapshot(group, v.id.0, epoch)?;
+        }
+        self.store.block_status_at(v, offset, clipped, epoch).await
+    }
+
+    // ----- snapshots ---------------------------------------------------------------------
+
+    /// Creates (or deletes) the snapshot at `epoch` of `volume` in every data group, each
+    /// through its leader; returns once every group committed it.
+    pub async fn snapshot_volume(&self, volume: u64, epoch: u64, delete: bool) -> Result<()> {
+        if epoch == 0 {
+            return Err(Error::Unsupported("epoch 0 is never a snapshot"));
+        }
+        let op = GroupOp::Snapshot { volume, epoch, delete };
+        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
+        let results =
+            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await;
+        for (g, r) in groups.iter().zip(results) {
+            r.map_err(|e| match e {
+                Error::Refused { .. } => e,
+                e => Error::Unavailable(format!("snapshot of volume {volume} in group {g}: {e}")),
+            })?;
+        }
+        tracing::info!(volume, epoch, delete, "snapshot committed in every group");
+        Ok(())
+    }
+
+    /// On `group`'s leader: commits a snapshot's creation or deletion in the group's log.
+    pub async fn snapshot_group(
+        &self,
+        group: u32,
+        volume: u64,
+        epoch: u64,
+        delete: bool,
+    ) -> Result<()> {
+        if group == META_GROUP || group > self.cfg.groups {
+            return Err(Error::NoSuchGroup(group));
+        }
+        if epoch == 0 {
+            return Err(Error::Unsupported("epoch 0 is never a snapshot"));
+        }
+        let cmd = if delete {
+            Cmd::DeleteSnapshot { volume, epoch }
+        } else {
+            Cmd::Snapshot { volume, epoch }
+        };
+        Self::done(self.propose(group, cmd).await?)
+    }
+
+    /// The ranges of `volume` that differ between epochs `from` and `to` (see
+    /// `Cluster.VolumeChanges`), from every group's leader, in offset order.
+    pub async fn volume_changes(
+        &self,
+        volume: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<crate::store::Change>> {
+        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
+        let op = GroupOp::Changes { volume, from, to };
+        let mut out = Vec::new();
+        for r in futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await {
+            if let GroupAnswer::Changes(c) = r? {
+                out.extend(c);
+            }
+        }
+        out.sort_by_key(|c| c.0);
+        Ok(out)
+    }
+
+    /// On `group`'s leader: the changed ranges of its chunks of `volume`.
+    pub async fn group_changes(
+        &self,
+        group: u32,
+        volume: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<crate::store::Change>> {
+        let v = self.store.get(volume)?;
+        self.linearize(group).await?;
+        for e in [from, to] {
+            if e != 0 {
+                self.check_snapshot(group, volume, e)?;
+            }
+        }
+        if from != 0 && to != 0 && from >= to {
+            return Err(Error::Unsupported("the changes go from an older epoch to a newer one"));
+        }
+        let chunks: Vec<u32> =
+            super::snapshot::group_chunks(&v.record(), group, self.cfg.groups).collect();
+        self.store.changes(&v, &chunks, from, to).await
+    }
+
+    /// The space `volume`'s versions hold, summed over every group's leader.
+    pub async fn volume_usage(&self, volume: u64) -> Result<crate::store::Usage> {
+        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
+        let op = GroupOp::Usage { volume };
+        let mut out = crate::store::Usage::default();
+        for r in futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await {
+            if let GroupAnswer::Usage(u) = r? {
+                out.add(&u);
+            }
+        }
+        Ok(out)
+    }
+
+    /// On `group`'s leader: the space its chunks of `volume` hold.
+    pub async fn group_usage(&self, group: u32, volume: u64) -> Result<crate::store::Usage> {
+        let v = self.store.get(volume)?;
+        self.linearize(group).await?;
+        let state = self.transport.epochs[group as usize]
+            .lock()
+            .get(&volume)
+            .map(|e| crate::epoch::Epochs::clone(e))
+            .unwrap_or_default();
+        let chunks: Vec<u32> =
+            super::snapshot::group_chunks(&v.record(), group, self.cfg.groups).collect();
+        self.store.usage(&v, &chunks, &state).await
+    }
+
+    /// Runs `op` on `group`'s leader (this node, or the one it names), retrying through an
+    /// election for a few seconds.
+    async fn on_leader(&self, group: u32, op: GroupOp) -> Result<GroupAnswer> {
+        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = raft.metrics().borrow().current_leader;
+            let r = match leader {
+                Some(l) if l == self.cfg.node_id => self.run_group_op(group, op).await,
+                Some(l) => match self.address_of(l) {
+                    Some(addr) => remote_group_op(&addr, group, op).await,
+                    None => Err(Error::Unavailable(format!("leader {l} unknown"))),
+                },
+                None => Err(Error::Unavailable(format!("group {group} has no leader"))),
+            };
+            match r {
+                Err(e @ (Error::Unavailable(_) | Error::NotLeader { leader: None, .. }))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(group, ?op, "{e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn run_group_op(&self, group: u32, op: GroupOp) -> Result<GroupAnswer> {
+        match op {
+            GroupOp::Fence { volume, generation } => {
+                self.fence_group(group, volume, generation).await.map(|()| GroupAnswer::Done)
+            }
+            GroupOp::Snapshot { volume, epoch, delete } => {
+                self.snapshot_group(group, volume, epoch, delete).await.map(|()| GroupAnswer::Done)
+            }
+            GroupOp::Changes { volume, from, to } => {
+                self.group_changes(group, volume, from, to).await.map(GroupAnswer::Changes)
+            }
+            GroupOp::Usage { volume } => {
+                self.group_usage(group, volume).await.map(GroupAnswer::Usage)
+            }
+        }
+    }
+}
+
+/// A step of a volume-wide operation that one chunk group's leader runs.
+#[derive(Clone, Copy, Debug)]
+enum GroupOp {
+    Fence { volume: u64, generation: u64 },
+    Snapshot { volume: u64, epoch: u64, delete: bool },
+    Changes { volume: u64, from: u64, to: u64 },
+    Usage { volume: u64 },
+}
+
+enum GroupAnswer {
+    Done,
+    Changes(Vec<crate::store::Change>),
+    Usage(crate::store::Usage),
+}
+
+/// Sends `op` to the node at `addr`, the group's leader as known here.
+async fn remote_group_op(addr: &str, group: u32, op: GroupOp) -> Result<GroupAnswer> {
+    use tern_proto::v1;
+    let mut c = v1::cluster_client::ClusterClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    // UNAVAILABLE (election, stale leader) is retried; anything else is the answer.
+    let status = |s: tonic::Status| match s.code() {
+        tonic::Code::Unavailable => Error::Unavailable(s.message().to_string()),
+        code => Error::Refused { code: code as i32, message: s.message().to_string() },
+    };
+    match op {
+        GroupOp::Fence { volume, generation } => {
+            let req = v1::FenceGroupRequest { group, volume_id: volume, generation };
+            c.fence_group(req).await.map_err(status)?;
+            Ok(GroupAnswer::Done)
+        }
+        GroupOp::Snapshot { volume, epoch, delete } => {
+            let req =
+                v1::SnapshotVolumeRequest { volume_id: volume, epoch, delete, group: Some(group) };
+            c.snapshot_volume(req).await.map_err(status)?;
+            Ok(GroupAnswer::Done)
+        }
+        GroupOp::Changes { volume, from, to } => {
+            let req = v1::VolumeChangesRequest {
+                volume_id: volume,
+                from_epoch: from,
+                to_epoch: to,
+                group: Some(group),
+            };
+            let r = c.volume_changes(req).await.map_err(status)?.into_inner();
+            Ok(GroupAnswer::Changes(
+                r.extents.into_iter().map(|e| (e.offset, e.length, e.zero)).collect(),
+            ))
+        }
+        GroupOp::Usage { volume } => {
+            let req = v1::VolumeUsageRequest { volume_id: volume, group: Some(group) };
+            let r = c.volume_usage(req).await.map_err(status)?.into_inner();
+            const BS: u64 = tern_common::BLOCK_SIZE;
+            Ok(GroupAnswer::Usage(crate::store::Usage {
+                total: r.total_bytes / BS,
+                head_only: r.head_only_bytes / BS,
+                exclusive: r.exclusive.into_iter().map(|e| (e.epoch, e.bytes / BS)).collect(),
+            }))
+        }
     }
 }

@@ -285,6 +285,7 @@ mod tests {
                 data: Bytes::from(vec![0u8; bytes]),
                 fua: false,
                 generation: 0,
+                epoch: 0,
             })
         };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }

@@ -36,6 +36,9 @@ pub use cluster::{Cluster, ClusterConfig, NodeAddr};
 /// Data commands carry the writer's attachment `generation` (0 = not attached through the
 /// volume manager): a replica applying one with a generation below the volume's fence (see
 /// `Fence`) refuses it, identically on every replica, since the fence is in the same log.
+/// They also carry the `epoch` they write at (0 = the head, whatever it is): one below the
+/// group's floor (a snapshot was taken since) is refused, and the writer writes again at the
+/// newer epoch (see [`crate::epoch`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Cmd {
     // ----- data groups -----
@@ -45,6 +48,7 @@ pub enum Cmd {
         data: Bytes,
         fua: bool,
         generation: u64,
+        epoch: u64,
     },
     WriteZeroes {
         volume: u64,
@@ -53,6 +57,7 @@ pub enum Cmd {
         punch: bool,
         fua: bool,
         generation: u64,
+        epoch: u64,
     },
     Trim {
         volume: u64,
@@ -60,6 +65,7 @@ pub enum Cmd {
         len: u64,
         fua: bool,
         generation: u64,
+        epoch: u64,
     },
     /// A durability point: every entry up to this one is on stable storage on each replica
     /// that reports it stored.
@@ -69,6 +75,18 @@ pub enum Cmd {
     Fence {
         volume: u64,
         generation: u64,
+    },
+    /// Freezes the volume's blocks at `epoch` in this group: a snapshot. Writes move on to
+    /// later epochs; the versions the snapshot sees are kept.
+    Snapshot {
+        volume: u64,
+        epoch: u64,
+    },
+    /// Deletes the snapshot at `epoch` in this group; the versions only it saw are reclaimed
+    /// in the background.
+    DeleteSnapshot {
+        volume: u64,
+        epoch: u64,
     },
     // ----- the meta group -----
     /// Creates a volume whose id is this entry's log index (the same on every replica).
@@ -101,6 +119,8 @@ impl Cmd {
             Cmd::Flush => true,
             // A fence must outlive a power loss: the old host might write again.
             Cmd::Fence { .. } => true,
+            // So must a snapshot: writes after it must not land in it after a power loss.
+            Cmd::Snapshot { .. } | Cmd::DeleteSnapshot { .. } => true,
             // Volume records are small and rare: always durable.
             Cmd::CreateVolume { .. }
             | Cmd::ResizeVolume { .. }
@@ -119,6 +139,8 @@ pub enum Reply {
     Volume(u64),
     /// The command was refused (e.g. a name already taken): a gRPC code and a message.
     Refused { code: i32, message: String },
+    /// A write at an epoch a snapshot has frozen since: write again at `floor`.
+    StaleEpoch { volume: u64, epoch: u64, floor: u64 },
 }
 
 /// A replica's node as group memberships record it: where to reach it, and its datacenter.

@@ -21,27 +21,33 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tern_common::{chunk_group, BLOCK_SIZE, CHUNK_SIZE, META_GROUP};
+use tern_common::{chunk_group, CHUNK_SIZE, META_GROUP};
 use tokio::sync::mpsc;
 
+use super::state_machine::GroupEpochs;
 use super::Vote;
+use crate::epoch::Epochs;
 use crate::error::{Error, Result};
-use crate::meta::{Entry, VolumeRecord};
-use crate::store::ChunkStore;
+use crate::meta::{Entry, Version, VolumeRecord};
+use crate::store::{ChunkStore, Volume};
 
 /// One record of a snapshot stream.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Record {
     /// Meta group: the whole volume table.
     Volumes(Vec<VolumeRecord>),
-    /// Data group: the records up to the next `Chunk` belong to this chunk.
+    /// Data group: the records up to the next `Chunk` belong to this chunk (every version
+    /// of its blocks; the receiver wipes the chunk first).
     Chunk { volume: u64, chunk: u32 },
-    /// Consecutive data blocks from block `first` of the current chunk.
-    Blocks { first: u32, data: Bytes },
-    /// Consecutive zero entries (allocated zeros, no data).
-    Zeros { first: u32, n: u32 },
+    /// The versions at `epoch` of consecutive data blocks from block `first`.
+    Blocks { first: u32, epoch: u64, data: Bytes },
+    /// The versions at `epoch` of `n` consecutive blocks from `first`: allocated zeros, or
+    /// discards (holes over older versions).
+    Entries { first: u32, epoch: u64, n: u32, discarded: bool },
     /// Data group: its volumes' fencing generations (volume, generation).
     Fences(Vec<(u64, u64)>),
+    /// Data group: its volumes' epoch states (snapshots), sent before any chunk.
+    Epochs(Vec<(u64, Epochs)>),
 }
 
 /// The first part of a snapshot transfer.
@@ -108,6 +114,7 @@ pub async fn stream_group(
     store: &ChunkStore,
     group: u32,
     groups: u32,
+    epochs: &GroupEpochs,
     tx: mpsc::Sender<Vec<u8>>,
 ) -> Result<u64> {
     let mut parts = Parts { tx, records: Vec::new(), bytes: 0 };
@@ -119,54 +126,85 @@ pub async fn stream_group(
         return Ok(0);
     }
     // Fences only rise, so sending them first is right for a fuzzy snapshot too: entries
-    // replayed after it raise them further.
+    // replayed after it raise them further. Epoch states likewise: snapshot entries replayed
+    // after it are idempotent, and writes they refuse are already in the chunks sent.
     let fences = store.meta().fences(group)?;
     if !fences.is_empty() {
         parts.push(Record::Fences(fences), 0).await?;
     }
+    let states: Vec<(u64, Epochs)> =
+        epochs.lock().iter().map(|(v, e)| (*v, Epochs::clone(e))).collect();
+    parts.push(Record::Epochs(states), 0).await?;
     for v in store.list() {
         let rec = v.record();
         if rec.storage_class != "replicated" {
             continue;
         }
         for chunk in group_chunks(&rec, group, groups) {
-            let map = store.chunk_map(&v, chunk).await?;
-            if map.iter().all(|e| *e == Entry::Hole) {
-                continue;
-            }
-            parts.push(Record::Chunk { volume: rec.id, chunk }, 0).await?;
-            let base = u64::from(chunk) * CHUNK_SIZE;
-            let mut b = 0u32;
-            while (b as usize) < map.len() {
-                let first = b;
-                match map[b as usize] {
-                    Entry::Hole => b += 1,
-                    Entry::Zero => {
-                        while (b as usize) < map.len() && map[b as usize] == Entry::Zero {
-                            b += 1;
-                        }
-                        parts.push(Record::Zeros { first, n: b - first }, 0).await?;
-                    }
-                    Entry::Data { .. } => {
-                        while (b as usize) < map.len()
-                            && matches!(map[b as usize], Entry::Data { .. })
-                            && b - first < RUN_BLOCKS
-                        {
-                            b += 1;
-                        }
-                        let off = base + u64::from(first) * BLOCK_SIZE;
-                        let len = u64::from(b - first) * BLOCK_SIZE;
-                        // Read with checksum verification: a corrupt block fails the transfer
-                        // rather than spread.
-                        let data = store.read(&v, off, len).await?;
-                        sent += len;
-                        parts.push(Record::Blocks { first, data }, len as usize).await?;
-                    }
-                }
-            }
+            sent += stream_chunk(store, &v, chunk, &mut parts).await?;
         }
     }
     parts.flush().await?;
+    Ok(sent)
+}
+
+/// Streams every version of one chunk; returns the data bytes sent. A version reclaimed or
+/// overwritten while it is read (its slot reused) shows as a checksum mismatch: the chunk is
+/// then sent again from a fresh view (the receiver wipes it at each `Chunk` record).
+async fn stream_chunk(store: &ChunkStore, v: &Volume, chunk: u32, parts: &mut Parts) -> Result<u64> {
+    const ATTEMPTS: usize = 8;
+    let mut sent = 0;
+    'attempt: for attempt in 1..=ATTEMPTS {
+        let mut versions: Vec<Version> = store.chunk_versions(v, chunk).await?;
+        if versions.is_empty() {
+            return Ok(sent);
+        }
+        parts.push(Record::Chunk { volume: v.id.0, chunk }, 0).await?;
+        // By epoch, then block: runs of consecutive blocks of one kind at one epoch.
+        versions.sort_by_key(|&(b, e, _)| (e, b));
+        let mut i = 0;
+        while i < versions.len() {
+            let (first, epoch, entry) = versions[i];
+            let kind = |e: &Entry| std::mem::discriminant(e);
+            let mut j = i + 1;
+            while j < versions.len()
+                && versions[j].1 == epoch
+                && versions[j].0 == first + (j - i) as u32
+                && kind(&versions[j].2) == kind(&entry)
+                && (j - i) < RUN_BLOCKS as usize
+            {
+                j += 1;
+            }
+            let n = (j - i) as u32;
+            match entry {
+                Entry::Data { .. } => {
+                    let entries: Vec<Entry> = versions[i..j].iter().map(|x| x.2).collect();
+                    match store.read_entries(v, chunk, &entries).await? {
+                        Some(data) => {
+                            sent += data.len() as u64;
+                            let size = data.len();
+                            let r = Record::Blocks { first, epoch, data: Bytes::from(data) };
+                            parts.push(r, size).await?;
+                        }
+                        None if attempt < ATTEMPTS => continue 'attempt,
+                        None => {
+                            return Err(Error::Unavailable(format!(
+                                "chunk {chunk} of volume {} kept changing under the transfer",
+                                v.id
+                            )))
+                        }
+                    }
+                }
+                Entry::Zero | Entry::Discarded => {
+                    let discarded = entry == Entry::Discarded;
+                    parts.push(Record::Entries { first, epoch, n, discarded }, 0).await?;
+                }
+                Entry::Hole => {}
+            }
+            i = j;
+        }
+        return Ok(sent);
+    }
     Ok(sent)
 }
 
@@ -209,10 +247,13 @@ pub fn clear_staging(store: &ChunkStore) {
 }
 
 /// A digest of `group`'s state in this store: equal on replicas that applied the same entries.
+/// It covers every version some epoch reads (versions awaiting reclaim are skipped, and a
+/// discard with nothing below it counts as no version: both read alike).
 pub async fn digest_group(
     store: &ChunkStore,
     group: u32,
     groups: u32,
+    epochs: &GroupEpochs,
 ) -> Result<(u64, u64, String)> {
     let mut detail = String::new();
     const PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -239,22 +280,45 @@ pub async fn digest_group(
         if rec.storage_class != "replicated" {
             continue;
         }
+        let state = epochs.lock().get(&rec.id).map(|e| Epochs::clone(e)).unwrap_or_default();
+        eat(&super::encode(&(rec.id, &state.snapshots, state.floor)));
         for chunk in group_chunks(&rec, group, groups) {
             let before = blocks;
-            for (b, e) in store.chunk_map(&v, chunk).await?.into_iter().enumerate() {
-                let (kind, crc) = match e {
-                    Entry::Hole => continue,
-                    Entry::Zero => (1u8, 0u32),
-                    Entry::Data { crc, .. } => {
-                        blocks += 1;
-                        (2u8, crc)
+            let versions = store.chunk_versions(&v, chunk).await?;
+            let mut i = 0;
+            while i < versions.len() {
+                let b = versions[i].0;
+                let mut kept: Vec<(u64, Entry)> = vec![(versions[i].1, versions[i].2)];
+                let mut next = versions[i].1;
+                i += 1;
+                while i < versions.len() && versions[i].0 == b {
+                    let (_, epoch, entry) = versions[i];
+                    if state.needed(epoch, next) {
+                        kept.push((epoch, entry));
+                        next = epoch;
                     }
-                };
-                eat(&rec.id.to_le_bytes());
-                eat(&chunk.to_le_bytes());
-                eat(&(b as u32).to_le_bytes());
-                eat(&[kind]);
-                eat(&crc.to_le_bytes());
+                    i += 1;
+                }
+                while kept.last().is_some_and(|(_, e)| *e == Entry::Discarded) {
+                    kept.pop();
+                }
+                for (epoch, e) in kept {
+                    let (kind, crc) = match e {
+                        Entry::Hole => continue,
+                        Entry::Zero => (1u8, 0u32),
+                        Entry::Discarded => (3u8, 0u32),
+                        Entry::Data { crc, .. } => {
+                            blocks += 1;
+                            (2u8, crc)
+                        }
+                    };
+                    eat(&rec.id.to_le_bytes());
+                    eat(&chunk.to_le_bytes());
+                    eat(&b.to_le_bytes());
+                    eat(&epoch.to_le_bytes());
+                    eat(&[kind]);
+                    eat(&crc.to_le_bytes());
+                }
             }
             if blocks > before {
                 detail += &format!("{}/{chunk}:{} ", rec.id, blocks - before);

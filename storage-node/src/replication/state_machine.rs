@@ -17,15 +17,22 @@ use std::time::Duration;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError, StoredMembership};
-use tern_common::{validate_volume_size, BLOCK_SIZE, CHUNK_SIZE, META_GROUP};
+use tern_common::{validate_volume_size, BLOCK_SIZE, META_GROUP};
 use tokio::sync::Notify;
 
 use super::snapshot::{self, Record, SnapshotFile};
 use super::{decode, encode, Cmd, Entry, LogId, Membership, Reply, StorageError, TypeConfig};
+use crate::chunk::At;
+use crate::epoch::{EpochRefusal, Epochs};
 use crate::error::Error;
 use crate::keys::RaftField;
 use crate::meta::MetaStore;
 use crate::store::{ChunkStore, NewVolume, Volume};
+
+/// The epoch state of each volume in one chunk group: changed by the group's state machine
+/// (and the reclaim it starts), read by reads at a snapshot. Each value is shared
+/// copy-on-write, so a write holds its volume's state without a lock across its I/O.
+pub type GroupEpochs = Arc<parking_lot::Mutex<HashMap<u64, Arc<Epochs>>>>;
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
@@ -48,6 +55,8 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     /// Fencing generation per volume in this group (see `Cmd::Fence`), mirrored from RocksDB.
     fences: HashMap<u64, u64>,
+    /// Epoch state per volume in this group (see `crate::epoch`), mirrored from RocksDB.
+    epochs: GroupEpochs,
     /// Index of the applied id last persisted.
     saved_index: u64,
     membership: Membership,
@@ -60,6 +69,7 @@ impl StateMachine {
         store: Arc<ChunkStore>,
         meta: Arc<MetaStore>,
         volume_created: Arc<Notify>,
+        epochs: GroupEpochs,
     ) -> crate::Result<Self> {
         let (last_applied, membership) = match meta.raft_state(group, RaftField::Applied)? {
             Some(b) => {
@@ -72,6 +82,7 @@ impl StateMachine {
         };
         let saved_index = last_applied.map_or(0, |l| l.index);
         let fences = meta.fences(group)?.into_iter().collect();
+        *epochs.lock() = meta.epochs(group)?.into_iter().map(|(v, e)| (v, Arc::new(e))).collect();
         Ok(Self {
             group,
             groups,
@@ -80,9 +91,92 @@ impl StateMachine {
             volume_created,
             last_applied,
             fences,
+            epochs,
             saved_index,
             membership,
         })
+    }
+
+    /// Resumes the reclaims a restart interrupted (called once the group runs).
+    pub fn resume_collects(&self) {
+        let pending: Vec<(u64, u64)> = self
+            .epochs
+            .lock()
+            .iter()
+            .flat_map(|(v, e)| e.collecting.iter().map(move |s| (*v, *s)))
+            .collect();
+        for (volume, epoch) in pending {
+            self.spawn_collect(volume, epoch);
+        }
+    }
+
+    /// The epoch a data command of `volume` writes at, with the state deciding what it keeps;
+    /// or the refusal every replica gives alike.
+    fn write_at(
+        &self,
+        volume: u64,
+        asked: u64,
+    ) -> Result<Result<(u64, Arc<Epochs>), Reply>, StorageError> {
+        let mut map = self.epochs.lock();
+        let cur = map.entry(volume).or_default();
+        let epoch = match cur.write_epoch(asked) {
+            Ok(e) => e,
+            Err(EpochRefusal::Stale { floor }) => {
+                return Ok(Err(Reply::StaleEpoch { volume, epoch: asked, floor }))
+            }
+            Err(EpochRefusal::Unknown { floor }) => {
+                return Ok(Err(Reply::Refused {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: format!(
+                        "volume {volume} has no epoch {asked} (its writes are at epoch {floor})"
+                    ),
+                }))
+            }
+        };
+        if epoch > cur.floor {
+            // A writer that learned of a snapshot this group has not applied yet: later
+            // writes of the older epoch are refused from here on.
+            Arc::make_mut(cur).floor = epoch;
+            self.meta.put_epochs(self.group, volume, cur).map_err(sm_err)?;
+        }
+        Ok(Ok((epoch, cur.clone())))
+    }
+
+    /// Changes a volume's epoch state here, persisted before the entry counts as applied.
+    fn change_epochs(&self, volume: u64, f: impl FnOnce(&mut Epochs)) -> Result<(), StorageError> {
+        let mut map = self.epochs.lock();
+        let cur = map.entry(volume).or_default();
+        f(Arc::make_mut(cur));
+        self.meta.put_epochs(self.group, volume, cur).map_err(sm_err)
+    }
+
+    /// Reclaims, in the background, what the deleted snapshot at `epoch` alone held in this
+    /// group's chunks of `volume`; then forgets that it has to.
+    fn spawn_collect(&self, volume: u64, epoch: u64) {
+        let (store, meta, epochs) = (self.store.clone(), self.meta.clone(), self.epochs.clone());
+        let (group, groups) = (self.group, self.groups);
+        tokio::spawn(async move {
+            let Ok(v) = store.get(volume) else { return };
+            let rec = v.record();
+            let chunks: Vec<u32> = snapshot::group_chunks(&rec, group, groups).collect();
+            // Decided with the state as it is now: snapshots created later are at newer
+            // epochs and see only what is newest now, never what this reclaims.
+            let state = epochs.lock().get(&volume).cloned().unwrap_or_default();
+            match store.collect(&v, &chunks, &state).await {
+                Ok(freed) => {
+                    tracing::info!(group, volume, epoch, freed, "snapshot space reclaimed");
+                    let mut map = epochs.lock();
+                    if let Some(cur) = map.get_mut(&volume) {
+                        Arc::make_mut(cur).collecting.remove(&epoch);
+                        if let Err(e) = meta.put_epochs(group, volume, cur) {
+                            tracing::warn!(%e, "saving the epoch state after a reclaim");
+                        }
+                    }
+                }
+                Err(Error::VolumeDeleted(_)) => {}
+                Err(e) => tracing::error!(group, volume, epoch, %e, "reclaiming snapshot space"),
+            }
+        });
     }
 
     /// The volume a data command addresses, waiting for its creation if this node has not
@@ -146,26 +240,56 @@ impl StateMachine {
                 self.raise_fence(*volume, *generation)?;
                 return Ok(Reply::Done);
             }
+            Cmd::Snapshot { volume, epoch } => {
+                let epoch = *epoch;
+                self.change_epochs(*volume, |e| e.snapshot(epoch))?;
+                return Ok(Reply::Done);
+            }
+            Cmd::DeleteSnapshot { volume, epoch } => {
+                let epoch = *epoch;
+                self.change_epochs(*volume, |e| e.delete(epoch))?;
+                self.spawn_collect(*volume, epoch);
+                return Ok(Reply::Done);
+            }
             _ => {}
         }
         let r = match cmd {
-            Cmd::Write { volume, offset, data, .. } => match self.volume(volume).await? {
-                Some(v) => self.store.apply_write(&v, offset, data).await,
-                None => Ok(()),
-            },
-            Cmd::WriteZeroes { volume, offset, len, punch, .. } => {
+            Cmd::Write { volume, offset, data, epoch, .. } => {
+                let (epoch, state) = match self.write_at(volume, epoch)? {
+                    Ok(at) => at,
+                    Err(refusal) => return Ok(refusal),
+                };
+                let at = At::Epoch { epoch, epochs: &state };
                 match self.volume(volume).await? {
-                    Some(v) => self.store.apply_write_zeroes(&v, offset, len, punch).await,
+                    Some(v) => self.store.apply_write(&v, offset, data, at).await,
                     None => Ok(()),
                 }
             }
-            Cmd::Trim { volume, offset, len, .. } => match self.volume(volume).await? {
-                Some(v) => self.store.apply_trim(&v, offset, len).await,
-                None => Ok(()),
-            },
+            Cmd::WriteZeroes { volume, offset, len, punch, epoch, .. } => {
+                let (epoch, state) = match self.write_at(volume, epoch)? {
+                    Ok(at) => at,
+                    Err(refusal) => return Ok(refusal),
+                };
+                let at = At::Epoch { epoch, epochs: &state };
+                match self.volume(volume).await? {
+                    Some(v) => self.store.apply_write_zeroes(&v, offset, len, punch, at).await,
+                    None => Ok(()),
+                }
+            }
+            Cmd::Trim { volume, offset, len, epoch, .. } => {
+                let (epoch, state) = match self.write_at(volume, epoch)? {
+                    Ok(at) => at,
+                    Err(refusal) => return Ok(refusal),
+                };
+                let at = At::Epoch { epoch, epochs: &state };
+                match self.volume(volume).await? {
+                    Some(v) => self.store.apply_trim(&v, offset, len, at).await,
+                    None => Ok(()),
+                }
+            }
             // Its durability was the log's business (see `log_store`).
             Cmd::Flush => Ok(()),
-            Cmd::Fence { .. } => Ok(()),
+            Cmd::Fence { .. } | Cmd::Snapshot { .. } | Cmd::DeleteSnapshot { .. } => Ok(()),
             Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at } => {
                 return self
                     .create_volume(index, name, size, read_only, tenant, labels, created_at)
@@ -233,6 +357,7 @@ impl StateMachine {
     async fn install_from(&mut self, path: &std::path::Path) -> Result<(), StorageError> {
         let mut listed: HashSet<(u64, u32)> = HashSet::new();
         let mut current: Option<(Arc<Volume>, u32)> = None;
+        let mut epochs_installed = false;
         for part in snapshot::read_parts(path).map_err(sm_err)? {
             for record in part.map_err(sm_err)? {
                 match record {
@@ -242,30 +367,49 @@ impl StateMachine {
                             self.raise_fence(volume, generation)?;
                         }
                     }
+                    Record::Epochs(states) => {
+                        // The sender's state replaces this replica's (entries replayed after
+                        // the snapshot apply on top of it, as they did on the sender).
+                        let old: Vec<u64> = self.epochs.lock().keys().copied().collect();
+                        let new: HashSet<u64> = states.iter().map(|(v, _)| *v).collect();
+                        for v in old.into_iter().filter(|v| !new.contains(v)) {
+                            self.epochs.lock().remove(&v);
+                            self.meta.delete_epochs(self.group, v).map_err(sm_err)?;
+                        }
+                        for (v, e) in states {
+                            self.change_epochs(v, |cur| *cur = e)?;
+                        }
+                        epochs_installed = true;
+                    }
                     Record::Chunk { volume, chunk } => {
                         current = match self.volume(volume).await? {
                             Some(v) => {
-                                self.wipe_chunk(&v, chunk).await?;
+                                self.store.wipe_chunk(&v, chunk).await.map_err(sm_err)?;
                                 listed.insert((volume, chunk));
                                 Some((v, chunk))
                             }
                             None => None,
                         };
                     }
-                    Record::Blocks { first, data } => {
+                    Record::Blocks { first, epoch, data } => {
                         if let Some((v, chunk)) = &current {
-                            let off =
-                                u64::from(*chunk) * CHUNK_SIZE + u64::from(first) * BLOCK_SIZE;
-                            self.store.apply_write(v, off, data).await.map_err(sm_err)?;
+                            let n = (data.len() as u64 / BLOCK_SIZE) as u32;
+                            let e = crate::meta::Entry::Hole;
+                            self.store
+                                .install_version(v, *chunk, first, epoch, e, n, Some(data))
+                                .await
+                                .map_err(sm_err)?;
                         }
                     }
-                    Record::Zeros { first, n } => {
+                    Record::Entries { first, epoch, n, discarded } => {
                         if let Some((v, chunk)) = &current {
-                            let off =
-                                u64::from(*chunk) * CHUNK_SIZE + u64::from(first) * BLOCK_SIZE;
-                            let len = u64::from(n) * BLOCK_SIZE;
+                            let e = if discarded {
+                                crate::meta::Entry::Discarded
+                            } else {
+                                crate::meta::Entry::Zero
+                            };
                             self.store
-                                .apply_write_zeroes(v, off, len, false)
+                                .install_version(v, *chunk, first, epoch, e, n, None)
                                 .await
                                 .map_err(sm_err)?;
                         }
@@ -276,6 +420,13 @@ impl StateMachine {
         if self.group == META_GROUP {
             return Ok(());
         }
+        if !epochs_installed {
+            for v in self.epochs.lock().keys() {
+                self.meta.delete_epochs(self.group, *v).map_err(sm_err)?;
+            }
+            self.epochs.lock().clear();
+        }
+        self.resume_collects();
         // Chunks of this group the snapshot does not list hold nothing on the leader.
         for v in self.store.list() {
             let rec = v.record();
@@ -291,14 +442,9 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Turns a chunk into holes (no-op for a chunk with nothing in it).
+    /// Removes every version of a chunk.
     async fn wipe_chunk(&self, v: &Volume, chunk: u32) -> Result<(), StorageError> {
-        let map = self.store.chunk_map(v, chunk).await.map_err(sm_err)?;
-        if map.iter().all(|e| *e == crate::meta::Entry::Hole) {
-            return Ok(());
-        }
-        let off = u64::from(chunk) * CHUNK_SIZE;
-        self.store.apply_trim(v, off, CHUNK_SIZE).await.map_err(sm_err)
+        self.store.wipe_chunk(v, chunk).await.map_err(sm_err)
     }
 
     /// Makes the volume table equal to the snapshot's.

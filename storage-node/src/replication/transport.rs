@@ -192,6 +192,9 @@ pub struct Transport {
     /// Snapshots are streamed from here.
     store: Arc<ChunkStore>,
     groups: u32,
+    /// Each group's epoch state (index = group), shared with its state machine: snapshots
+    /// stream it, digests read it.
+    pub epochs: Vec<super::state_machine::GroupEpochs>,
     /// When the transport started: the origin of `Peer::answered`.
     epoch: Instant,
     /// Bytes of chunk group state streamed to other replicas, and received (metrics).
@@ -219,6 +222,7 @@ impl Transport {
             isolated: RwLock::default(),
             store,
             groups,
+            epochs: (0..=groups).map(|_| Default::default()).collect(),
             epoch,
             snapshot_sent_bytes: AtomicU64::new(0),
             snapshot_received_bytes: AtomicU64::new(0),
@@ -387,11 +391,11 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         let first = v1::SnapshotPart { from, group, header: header.into(), ..Default::default() };
         let _ = part_tx.send(first).await;
         let (store, groups) = (t.store.clone(), t.groups);
+        let epochs = t.epochs.get(group as usize).cloned().unwrap_or_default();
         let transport = t.clone();
-        let produce =
-            tokio::spawn(
-                async move { snapshot::stream_group(&store, group, groups, rec_tx).await },
-            );
+        let produce = tokio::spawn(async move {
+            snapshot::stream_group(&store, group, groups, &epochs, rec_tx).await
+        });
         // Stops the producer if openraft drops this call half-way.
         let _stop = AbortOnDrop(produce.abort_handle());
         let forward = tokio::spawn(async move {
@@ -611,7 +615,9 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
         let applied_index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
         let t = self.cluster.transport();
         let (digest, data_blocks, detail) =
-            snapshot::digest_group(&t.store, group, t.groups).await.map_err(tonic::Status::from)?;
+            snapshot::digest_group(&t.store, group, t.groups, &t.epochs[group as usize])
+                .await
+                .map_err(tonic::Status::from)?;
         Ok(tonic::Response::new(v1::DigestReply { applied_index, digest, data_blocks, detail }))
     }
 

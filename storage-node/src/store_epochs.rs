@@ -1,0 +1,232 @@
+//! The chunk store's side of snapshots: versions below the newest (see [`crate::epoch`]).
+//!
+//! Reclaiming versions, the changed blocks between two epochs, the space snapshots hold, and
+//! moving every version of a chunk to another replica.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+/// Blocks per step of a background reclaim (one RocksDB scan and batch under the chunk
+/// lock), and the pause after each: about 16k blocks (64 MiB of versions) a second at most,
+/// so client I/O keeps the chunk locks and the disk.
+const COLLECT_STEP: u32 = 1024;
+const COLLECT_PAUSE: Duration = Duration::from_millis(60);
+
+/// Space a volume's versions hold in one group, in blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Data blocks of every version.
+    pub total: u64,
+    /// Data blocks only the head reads.
+    pub head_only: u64,
+    /// Data blocks only one snapshot reads, by its epoch.
+    pub exclusive: BTreeMap<u64, u64>,
+}
+
+impl Usage {
+    pub fn add(&mut self, o: &Usage) {
+        self.total += o.total;
+        self.head_only += o.head_only;
+        for (e, n) in &o.exclusive {
+            *self.exclusive.entry(*e).or_default() += n;
+        }
+    }
+}
+
+/// Splits versions (by block, newest first) into one slice per block.
+fn per_block(versions: &[Version]) -> impl Iterator<Item = &[Version]> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= versions.len() {
+            return None;
+        }
+        let b = versions[i].0;
+        let start = i;
+        while i < versions.len() && versions[i].0 == b {
+            i += 1;
+        }
+        Some(&versions[start..i])
+    })
+}
+
+impl ChunkStore {
+    /// Every stored version of a chunk (by block, newest first).
+    pub async fn chunk_versions(&self, v: &Volume, index: u32) -> Result<Vec<Version>> {
+        let meta = self.meta.clone();
+        let volume = v.id.0;
+        tokio::task::spawn_blocking(move || meta.load_chunk(volume, index))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    /// Whether a chunk holds any version.
+    pub async fn chunk_is_empty(&self, v: &Volume, index: u32) -> Result<bool> {
+        let c = self.chunk(v, index).await?;
+        Ok(c.heads(0, BLOCKS_PER_CHUNK as u32).iter().all(|h| h.entry == Entry::Hole))
+    }
+
+    /// The data of `entries` (blocks of chunk `index`, each a stored version), checksums
+    /// verified: `None` if one of them no longer matches because the version was reclaimed
+    /// meanwhile (the caller reads the versions again).
+    pub async fn read_entries(
+        &self,
+        v: &Volume,
+        index: u32,
+        entries: &[Entry],
+    ) -> Result<Option<Vec<u8>>> {
+        let c = self.chunk(v, index).await?;
+        let mut out = vec![0u8; entries.len() * BS as usize];
+        self.read_blocks(v, &c, entries, &mut out).await?;
+        for (i, e) in entries.iter().enumerate() {
+            if let Entry::Data { crc, .. } = *e {
+                if crc32c::crc32c(&out[i * BS as usize..(i + 1) * BS as usize]) != crc {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Removes every version of a chunk (a replica about to receive the chunk from another).
+    pub async fn wipe_chunk(&self, v: &Volume, index: u32) -> Result<()> {
+        let c = self.chunk(v, index).await?;
+        let done = c.wipe(&self.meta)?;
+        self.note_committed(v, &c, done.data_delta, done.freed);
+        Ok(())
+    }
+
+    /// Stores one version of blocks `[first, first + n)` of a chunk as another replica sent
+    /// it: `data` for data blocks, else `entry` (`Zero` or `Discarded`) for each. A version
+    /// at the same epoch is replaced; the newest version of each block becomes its head.
+    pub async fn install_version(
+        &self,
+        v: &Volume,
+        index: u32,
+        first: u32,
+        epoch: u64,
+        entry: Entry,
+        n: u32,
+        data: Option<Bytes>,
+    ) -> Result<()> {
+        let c = self.chunk(v, index).await?;
+        let mut versions: Vec<Version> = Vec::with_capacity(n as usize);
+        let mut slots = Vec::new();
+        if let Some(data) = &data {
+            if data.len() as u64 != u64::from(n) * BS {
+                return Err(Error::Internal("snapshot record of the wrong length".into()));
+            }
+            slots = c.alloc(n as usize);
+            let runs = slot_runs(slots.iter().copied().enumerate());
+            let writes = runs.iter().map(|&(slot, start, count)| {
+                let from = start * BS as usize;
+                let buf = AlignedBuf::from_slice(&data[from..from + count * BS as usize]);
+                self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
+            });
+            if let Err(source) = try_join_all(writes).await {
+                c.unalloc(&slots);
+                return Err(Error::DataIo { volume: v.id, source });
+            }
+        }
+        for i in 0..n {
+            let e = match &data {
+                Some(d) => Entry::Data {
+                    slot: slots[i as usize],
+                    crc: crc32c::crc32c(&d[i as usize * BS as usize..(i as usize + 1) * BS as usize]),
+                },
+                None => entry,
+            };
+            versions.push((first + i, epoch, e));
+        }
+        let done = c.install(&self.meta, &versions)?;
+        self.note_committed(v, &c, done.data_delta, done.freed);
+        Ok(())
+    }
+
+    /// Reclaims, in the background and at a bounded rate, the versions of `chunks` that no
+    /// snapshot of `epochs` sees any more (after a snapshot's deletion). Returns the data
+    /// blocks freed.
+    pub async fn collect(&self, v: &Volume, chunks: &[u32], epochs: &Epochs) -> Result<u64> {
+        let mut freed = 0u64;
+        for &index in chunks {
+            let c = self.chunk(v, index).await?;
+            let mut first = 0;
+            while first < BLOCKS_PER_CHUNK as u32 {
+                let (meta, c2, e) = (self.meta.clone(), c.clone(), epochs.clone());
+                let n = tokio::task::spawn_blocking(move || {
+                    c2.collect(&meta, first, COLLECT_STEP, &e)
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+                self.note_committed(v, &c, -(n as i64), n);
+                freed += n as u64;
+                first += COLLECT_STEP;
+                tokio::time::sleep(COLLECT_PAUSE).await;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// The ranges of `chunks` whose content differs between epochs `from` and `to` (0 for
+    /// `to`: the head; 0 for `from`: nothing, so every allocated range counts). Both must be
+    /// live snapshots (or the head): then a block changed exactly when the version `to` sees
+    /// is newer than `from`.
+    pub async fn changes(
+        &self,
+        v: &Volume,
+        chunks: &[u32],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Change>> {
+        let mut out: Vec<Change> = Vec::new();
+        for &index in chunks {
+            let versions = self.chunk_versions(v, index).await?;
+            for vs in per_block(&versions) {
+                let seen = vs.iter().find(|(_, e, _)| to == 0 || *e <= to);
+                let Some(&(b, epoch, entry)) = seen else { continue };
+                let changed = if from == 0 {
+                    matches!(entry, Entry::Data { .. } | Entry::Zero)
+                } else {
+                    epoch > from
+                };
+                if !changed {
+                    continue;
+                }
+                let off = u64::from(index) * CHUNK_SIZE + u64::from(b) * BS;
+                let zero = !matches!(entry, Entry::Data { .. });
+                match out.last_mut() {
+                    Some((o, l, z)) if *o + *l == off && *z == zero => *l += BS,
+                    _ => out.push((off, BS, zero)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The space `chunks`' versions hold: in all, only for the head, and only for each
+    /// snapshot of `epochs`.
+    pub async fn usage(&self, v: &Volume, chunks: &[u32], epochs: &Epochs) -> Result<Usage> {
+        let mut u = Usage::default();
+        for &index in chunks {
+            let versions = self.chunk_versions(v, index).await?;
+            for vs in per_block(&versions) {
+                let mut next = u64::MAX;
+                for (i, &(_, epoch, entry)) in vs.iter().enumerate() {
+                    if matches!(entry, Entry::Data { .. }) {
+                        u.total += 1;
+                        let mut readers = epochs.snapshots.range(epoch..next);
+                        let first = readers.next();
+                        let more = readers.next().is_some();
+                        match (i == 0, first, more) {
+                            (true, None, _) => u.head_only += 1,
+                            (false, Some(s), false) => *u.exclusive.entry(*s).or_default() += 1,
+                            _ => {}
+                        }
+                    }
+                    next = epoch;
+                }
+            }
+        }
+        Ok(u)
+    }
+}
