@@ -44,6 +44,10 @@ pub enum BackendError {
     Io(String),
     #[error("storage node unavailable: {0}")]
     Unavailable(String),
+    /// A snapshot froze the write's epoch: write again at this one (handled by the backend,
+    /// never an NBD client's error).
+    #[error("a snapshot was taken: write again at epoch {0}")]
+    StaleEpoch(u64),
 }
 
 /// Where an export's blocks live.

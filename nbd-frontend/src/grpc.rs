@@ -82,8 +82,12 @@ struct Inner {
     seeds: Vec<Arc<Node>>,
     /// With a volume manager: exports are attached to this host before they are served.
     attacher: Option<Attacher>,
-    /// The attachment generation of each volume attached here (sent with every write).
-    generations: parking_lot::RwLock<std::collections::HashMap<u64, u64>>,
+    /// The attachment of each volume attached here: its generation and the epoch its writes
+    /// carry (sent with every write).
+    attached: parking_lot::RwLock<std::collections::HashMap<u64, Arc<Attached>>>,
+    /// Read-only exports of snapshots (`volume@snapshot`): export id -> (volume id, epoch).
+    snapshots: parking_lot::RwLock<std::collections::HashMap<u64, (u64, u64)>>,
+    next_snapshot_export: std::sync::atomic::AtomicU64,
     /// Settled by the first cluster map (or its absence), for the life of the process.
     mode: OnceCell<Mode>,
     /// Retries and redirects of a cluster's requests.
@@ -132,7 +136,9 @@ impl GrpcBackend {
             inner: Arc::new(Inner {
                 seeds,
                 attacher,
-                generations: Default::default(),
+                attached: Default::default(),
+                snapshots: Default::default(),
+                next_snapshot_export: std::sync::atomic::AtomicU64::new(SNAPSHOT_EXPORT),
                 mode: OnceCell::new(),
                 metrics: BackendMetrics::default(),
             }),
@@ -144,13 +150,100 @@ impl GrpcBackend {
         self.inner.metrics.register(registry)
     }
 
-    /// The attachment generation writes to `volume_id` carry (0 without a manager: no lock
-    /// on the data path then).
-    fn generation(&self, volume_id: u64) -> u64 {
-        if self.inner.attacher.is_none() {
-            return 0;
+    /// The attachment writes to `volume_id` go under (none without a manager: no lock on the
+    /// data path then).
+    fn attachment(&self, volume_id: u64) -> Option<Arc<Attached>> {
+        self.inner.attacher.as_ref()?;
+        self.inner.attached.read().get(&volume_id).cloned()
+    }
+
+    /// The volume and epoch an export id reads: a snapshot export's, or the volume's head.
+    fn resolve(&self, export_id: u64) -> (u64, u64) {
+        if export_id < SNAPSHOT_EXPORT {
+            return (export_id, 0);
         }
-        self.inner.generations.read().get(&volume_id).copied().unwrap_or(0)
+        self.inner.snapshots.read().get(&export_id).copied().unwrap_or((export_id, 0))
+    }
+
+    /// Sends a write-like request built by `op(generation, epoch)` until no snapshot freezes
+    /// its epoch: a storage node that refuses it as stale names the epoch to write at, which
+    /// this volume's writes carry from then on.
+    async fn write_like<F, Fut>(&self, volume_id: u64, op: F) -> Result<(), BackendError>
+    where
+        F: Fn(u64, u64) -> Fut,
+        Fut: Future<Output = Result<(), BackendError>>,
+    {
+        let att = self.attachment(volume_id);
+        let mut tries = 0;
+        loop {
+            let (generation, epoch) = att.as_ref().map_or((0, 0), |a| {
+                (a.generation, a.epoch.load(std::sync::atomic::Ordering::Acquire))
+            });
+            match op(generation, epoch).await {
+                Err(BackendError::StaleEpoch(newer)) if tries < 8 => {
+                    tries += 1;
+                    if let Some(a) = &att {
+                        let was = a.epoch.fetch_max(newer, std::sync::atomic::Ordering::AcqRel);
+                        if was < newer {
+                            info!(
+                                volume = volume_id,
+                                epoch = newer,
+                                "a snapshot was taken: writing at the next epoch"
+                            );
+                        }
+                    }
+                }
+                Err(BackendError::StaleEpoch(newer)) => {
+                    return Err(BackendError::Io(format!(
+                    "writes of volume {volume_id} keep being refused as older than epoch {newer}"
+                )))
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Looks up a snapshot export `volume@snapshot` through the volume manager.
+    async fn lookup_snapshot(&self, name: &str) -> Result<Option<ExportInfo>, BackendError> {
+        let Some((volume, snapshot)) = name.split_once('@') else { return Ok(None) };
+        let Some(att) = &self.inner.attacher else {
+            // Snapshots are the volume manager's: without one there are none.
+            return Ok(None);
+        };
+        let s = match att.snapshot(volume, snapshot).await {
+            Ok(s) => s,
+            Err(s) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
+                return Ok(None)
+            }
+            Err(s) => return Err(map_status(s)),
+        };
+        if s.state != v1::SnapshotState::Ready as i32 {
+            return Ok(None);
+        }
+        let id = {
+            let mut snaps = self.inner.snapshots.write();
+            match snaps.iter().find(|(_, v)| **v == (s.volume_id, s.epoch)) {
+                Some((id, _)) => *id,
+                None => {
+                    let id = self
+                        .inner
+                        .next_snapshot_export
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    snaps.insert(id, (s.volume_id, s.epoch));
+                    id
+                }
+            }
+        };
+        Ok(Some(ExportInfo {
+            description: format!(
+                "tern snapshot {name} (epoch {}, {} bytes, read-only)",
+                s.epoch, s.size_bytes
+            ),
+            volume_id: id,
+            name: name.to_string(),
+            size: s.size_bytes,
+            read_only: true,
+        }))
     }
 
     /// How requests are routed, once known: the hot path's one check.
@@ -205,17 +298,51 @@ struct Attacher {
     host: String,
 }
 
+/// Export ids from here up are snapshot exports (volume ids are log indexes, far below).
+const SNAPSHOT_EXPORT: u64 = 1 << 62;
+
+/// A volume attached here.
+struct Attached {
+    generation: u64,
+    /// The epoch writes carry: the head epoch at attach, raised when a snapshot is taken.
+    epoch: std::sync::atomic::AtomicU64,
+}
+
 impl Attacher {
+    fn channels(
+        &self,
+    ) -> impl Iterator<Item = Result<tonic::transport::Channel, tonic::Status>> + '_ {
+        self.endpoints.iter().map(|e| {
+            let uri = if e.contains("://") { e.clone() } else { format!("http://{e}") };
+            tonic::transport::Endpoint::from_shared(uri)
+                .map(|ep| ep.connect_timeout(std::time::Duration::from_secs(1)).connect_lazy())
+                .map_err(|err| tonic::Status::invalid_argument(err.to_string()))
+        })
+    }
+
+    /// A snapshot of `volume` named `name`, from the volume manager.
+    async fn snapshot(&self, volume: &str, name: &str) -> Result<v1::Snapshot, tonic::Status> {
+        let mut last = tonic::Status::unavailable("no volume manager endpoint");
+        for ch in self.channels() {
+            let req = v1::GetSnapshotRequest {
+                volume: Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Name(volume.into())) }),
+                name: name.into(),
+            };
+            match v1::manager_client::ManagerClient::new(ch?).get_snapshot(req).await {
+                Ok(s) => return Ok(s.into_inner()),
+                Err(s) if is_transient(s.code()) => last = s,
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
+    }
+
     /// Attaches `name` to this host (never taking it from another host: that is the
     /// operator's or the VM layer's decision, `tern volume attach --takeover`).
     async fn attach(&self, name: &str) -> Result<v1::Attachment, tonic::Status> {
         let mut last = tonic::Status::unavailable("no volume manager endpoint");
-        for e in &self.endpoints {
-            let uri = if e.contains("://") { e.clone() } else { format!("http://{e}") };
-            let ch = match tonic::transport::Endpoint::from_shared(uri) {
-                Ok(ep) => ep.connect_timeout(std::time::Duration::from_secs(1)).connect_lazy(),
-                Err(err) => return Err(tonic::Status::invalid_argument(err.to_string())),
-            };
+        for ch in self.channels() {
+            let ch = ch?;
             let req = v1::AttachRequest {
                 volume: Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Name(name.into())) }),
                 host: self.host.clone(),
@@ -272,29 +399,30 @@ fn unexpected(what: &str) -> BackendError {
 }
 
 /// The header of a request; `generation` is the attachment's (0 without a manager), checked
-/// by the storage nodes on everything that changes data.
-fn header(volume_id: u64, generation: u64) -> Option<v1::IoHeader> {
-    Some(v1::IoHeader { volume_id, epoch: 0, generation })
+/// by the storage nodes on everything that changes data; `epoch` is the epoch a write goes
+/// to, or a read reads (0: the head).
+fn header(volume_id: u64, generation: u64, epoch: u64) -> Option<v1::IoHeader> {
+    Some(v1::IoHeader { volume_id, epoch, generation })
 }
 
-fn read_op(volume_id: u64, offset: u64, length: u32) -> Op {
-    Op::Read(v1::ReadRequest { header: header(volume_id, 0), offset, length })
+fn read_op(volume_id: u64, epoch: u64, offset: u64, length: u32) -> Op {
+    Op::Read(v1::ReadRequest { header: header(volume_id, 0, epoch), offset, length })
 }
 
-fn write_op(volume_id: u64, gen: u64, offset: u64, data: Bytes, fua: bool) -> Op {
-    Op::Write(v1::WriteRequest { header: header(volume_id, gen), offset, data, fua })
+fn write_op(volume_id: u64, tag: (u64, u64), offset: u64, data: Bytes, fua: bool) -> Op {
+    Op::Write(v1::WriteRequest { header: header(volume_id, tag.0, tag.1), offset, data, fua })
 }
 
 fn write_zeroes_op(
     volume_id: u64,
-    gen: u64,
+    tag: (u64, u64),
     offset: u64,
     length: u64,
     punch_hole: bool,
     fua: bool,
 ) -> Op {
     Op::WriteZeroes(v1::WriteZeroesRequest {
-        header: header(volume_id, gen),
+        header: header(volume_id, tag.0, tag.1),
         offset,
         length,
         punch_hole,
@@ -302,17 +430,17 @@ fn write_zeroes_op(
     })
 }
 
-fn trim_op(volume_id: u64, gen: u64, offset: u64, length: u64, fua: bool) -> Op {
-    Op::Trim(v1::TrimRequest { header: header(volume_id, gen), offset, length, fua })
+fn trim_op(volume_id: u64, tag: (u64, u64), offset: u64, length: u64, fua: bool) -> Op {
+    Op::Trim(v1::TrimRequest { header: header(volume_id, tag.0, tag.1), offset, length, fua })
 }
 
 /// A flush of `group` (in a cluster; `None` for a single node).
 fn flush_op(volume_id: u64, group: Option<u32>) -> Op {
-    Op::Flush(v1::FlushRequest { header: header(volume_id, 0), group })
+    Op::Flush(v1::FlushRequest { header: header(volume_id, 0, 0), group })
 }
 
-fn block_status_op(volume_id: u64, offset: u64, length: u64) -> Op {
-    Op::BlockStatus(v1::BlockStatusRequest { header: header(volume_id, 0), offset, length })
+fn block_status_op(volume_id: u64, epoch: u64, offset: u64, length: u64) -> Op {
+    Op::BlockStatus(v1::BlockStatusRequest { header: header(volume_id, 0, epoch), offset, length })
 }
 
 /// The data of a read reply, which must be `len` bytes long.
@@ -364,6 +492,9 @@ fn export_info(v: v1::Volume) -> ExportInfo {
 
 impl Backend for GrpcBackend {
     async fn lookup(&self, name: &str) -> Result<Option<ExportInfo>, BackendError> {
+        if name.contains('@') {
+            return self.lookup_snapshot(name).await;
+        }
         let req = v1::GetVolumeRequest {
             volume: Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Name(name.to_string())) }),
         };
@@ -393,8 +524,22 @@ impl Backend for GrpcBackend {
                         )),
                         _ => map_status(s),
                     })?;
-                    info!(volume = %name, host = %att.host, generation = a.generation, "attached");
-                    self.inner.generations.write().insert(v.id, a.generation);
+                    info!(volume = %name, host = %att.host, generation = a.generation, epoch = a.epoch, "attached");
+                    let mut attached = self.inner.attached.write();
+                    match attached.get(&v.id) {
+                        // Already attached here (another connection): keep the epoch it
+                        // learned since, unless this attach knows a newer one.
+                        Some(cur) if cur.generation == a.generation => {
+                            cur.epoch.fetch_max(a.epoch, std::sync::atomic::Ordering::AcqRel);
+                        }
+                        _ => {
+                            let epoch = std::sync::atomic::AtomicU64::new(a.epoch);
+                            attached.insert(
+                                v.id,
+                                Arc::new(Attached { generation: a.generation, epoch }),
+                            );
+                        }
+                    }
                 }
                 if let Mode::Cluster(c) = mode {
                     c.remember_size(v.id, v.size_bytes);
@@ -423,18 +568,20 @@ impl Backend for GrpcBackend {
         Ok(got.map_err(map_status)?.volumes.into_iter().map(export_info).collect())
     }
 
-    async fn read(&self, volume_id: u64, offset: u64, len: u32) -> Result<Bytes, BackendError> {
+    async fn read(&self, export_id: u64, offset: u64, len: u32) -> Result<Bytes, BackendError> {
         let mode = match self.mode() {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let (volume_id, epoch) = self.resolve(export_id);
         match mode {
             Mode::Single(node) => {
-                read_data(call_single(node, read_op(volume_id, offset, len)).await?, len.into())
+                let op = read_op(volume_id, epoch, offset, len);
+                read_data(call_single(node, op).await?, len.into())
             }
             Mode::Cluster(c) => {
                 // Pieces of a `len`-byte read fit in a u32.
-                let op = |p: Part| read_op(volume_id, p.offset, p.len as u32);
+                let op = |p: Part| read_op(volume_id, epoch, p.offset, p.len as u32);
                 let replies = Box::pin(c.scatter(volume_id, offset, len.into(), op)).await?;
                 let pieces = chunk_parts(offset, len.into())
                     .zip(replies)
@@ -456,17 +603,28 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
-        let gen = self.generation(volume_id);
-        match mode {
-            Mode::Single(node) => {
-                call_single(node, write_op(volume_id, gen, offset, data, fua)).await.map(drop)
+        self.write_like(volume_id, |gen, epoch| {
+            let data = data.clone();
+            async move {
+                let tag = (gen, epoch);
+                match mode {
+                    Mode::Single(node) => {
+                        call_single(node, write_op(volume_id, tag, offset, data, fua))
+                            .await
+                            .map(drop)
+                    }
+                    Mode::Cluster(c) => {
+                        let op = |p: Part| {
+                            write_op(volume_id, tag, p.offset, data.slice(p.within(offset)), fua)
+                        };
+                        Box::pin(c.scatter(volume_id, offset, data.len() as u64, op))
+                            .await
+                            .map(drop)
+                    }
+                }
             }
-            Mode::Cluster(c) => {
-                let op =
-                    |p: Part| write_op(volume_id, gen, p.offset, data.slice(p.within(offset)), fua);
-                Box::pin(c.scatter(volume_id, offset, data.len() as u64, op)).await.map(drop)
-            }
-        }
+        })
+        .await
     }
 
     async fn write_zeroes(
@@ -481,18 +639,21 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
-        let gen = self.generation(volume_id);
-        match mode {
-            Mode::Single(node) => {
-                let op = write_zeroes_op(volume_id, gen, offset, len, punch_hole, fua);
-                call_single(node, op).await.map(drop)
+        self.write_like(volume_id, |gen, epoch| async move {
+            let tag = (gen, epoch);
+            match mode {
+                Mode::Single(node) => {
+                    let op = write_zeroes_op(volume_id, tag, offset, len, punch_hole, fua);
+                    call_single(node, op).await.map(drop)
+                }
+                Mode::Cluster(c) => {
+                    let op =
+                        |p: Part| write_zeroes_op(volume_id, tag, p.offset, p.len, punch_hole, fua);
+                    Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
+                }
             }
-            Mode::Cluster(c) => {
-                let op =
-                    |p: Part| write_zeroes_op(volume_id, gen, p.offset, p.len, punch_hole, fua);
-                Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
-            }
-        }
+        })
+        .await
     }
 
     async fn trim(
@@ -506,19 +667,26 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
-        let gen = self.generation(volume_id);
-        match mode {
-            Mode::Single(node) => {
-                call_single(node, trim_op(volume_id, gen, offset, len, fua)).await.map(drop)
+        self.write_like(volume_id, |gen, epoch| async move {
+            let tag = (gen, epoch);
+            match mode {
+                Mode::Single(node) => {
+                    call_single(node, trim_op(volume_id, tag, offset, len, fua)).await.map(drop)
+                }
+                Mode::Cluster(c) => {
+                    let op = |p: Part| trim_op(volume_id, tag, p.offset, p.len, fua);
+                    Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
+                }
             }
-            Mode::Cluster(c) => {
-                let op = |p: Part| trim_op(volume_id, gen, p.offset, p.len, fua);
-                Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
-            }
-        }
+        })
+        .await
     }
 
     async fn flush(&self, volume_id: u64) -> Result<(), BackendError> {
+        if volume_id >= SNAPSHOT_EXPORT {
+            // A snapshot export is read-only: nothing of it to make durable.
+            return Ok(());
+        }
         let mode = match self.mode() {
             Some(mode) => mode,
             None => self.discover_mode().await?,
@@ -533,7 +701,7 @@ impl Backend for GrpcBackend {
 
     async fn block_status(
         &self,
-        volume_id: u64,
+        export_id: u64,
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>, BackendError> {
@@ -541,14 +709,15 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let (volume_id, epoch) = self.resolve(export_id);
         let reply = match mode {
             Mode::Single(node) => {
-                call_single(node, block_status_op(volume_id, offset, len)).await?
+                call_single(node, block_status_op(volume_id, epoch, offset, len)).await?
             }
             Mode::Cluster(c) => {
                 // Only the first chunk's piece: NBD lets a reply cover less than was asked.
                 let p = first_part(offset, len);
-                let op = block_status_op(volume_id, p.offset, p.len);
+                let op = block_status_op(volume_id, epoch, p.offset, p.len);
                 Box::pin(c.send(c.group_of(volume_id, p.chunk), op)).await?
             }
         };

@@ -47,7 +47,10 @@ fn errno(e: &BackendError) -> u32 {
         BackendError::InvalidArgument(_) => errno::EINVAL,
         BackendError::ReadOnly => errno::EPERM,
         BackendError::NoSpace => errno::ENOSPC,
-        BackendError::NotFound | BackendError::Io(_) | BackendError::Unavailable(_) => errno::EIO,
+        BackendError::NotFound
+        | BackendError::Io(_)
+        | BackendError::Unavailable(_)
+        | BackendError::StaleEpoch(_) => errno::EIO,
     }
 }
 

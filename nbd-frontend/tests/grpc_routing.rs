@@ -72,7 +72,7 @@ fn pattern(pos: u64) -> u8 {
 }
 
 fn io_error(code: Code, leader: u64) -> Reply {
-    Reply::Error(v1::IoError { code: code as i32, message: "scripted".into(), leader })
+    Reply::Error(v1::IoError { code: code as i32, message: "scripted".into(), leader, epoch: 0 })
 }
 
 fn volume() -> v1::Volume {
@@ -104,6 +104,7 @@ impl Fake {
                 code: Code::InvalidArgument as i32,
                 message: format!("{kind} of {len} bytes at {offset} crosses a chunk boundary"),
                 leader: 0,
+                epoch: 0,
             });
         }
         let leader = group.and_then(|g| s.leaders.get(&g).copied()).unwrap_or(self.id);
@@ -182,6 +183,27 @@ impl Cluster for Fake {
         &self,
         _: Request<v1::FenceGroupRequest>,
     ) -> Result<Response<v1::FenceVolumeReply>, Status> {
+        unimplemented()
+    }
+
+    async fn snapshot_volume(
+        &self,
+        _: Request<v1::SnapshotVolumeRequest>,
+    ) -> Result<Response<v1::SnapshotVolumeReply>, Status> {
+        unimplemented()
+    }
+
+    async fn volume_changes(
+        &self,
+        _: Request<v1::VolumeChangesRequest>,
+    ) -> Result<Response<v1::VolumeChangesReply>, Status> {
+        unimplemented()
+    }
+
+    async fn volume_usage(
+        &self,
+        _: Request<v1::VolumeUsageRequest>,
+    ) -> Result<Response<v1::VolumeUsageReply>, Status> {
         unimplemented()
     }
 }

@@ -12,8 +12,8 @@ use std::path::Path;
 use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
 use crate::epoch::Epochs;
+use crate::error::{Error, Result};
 use crate::keys::{self, BlockKey};
 
 /// What a volume is: persisted as JSON under its volume key.
@@ -192,8 +192,7 @@ impl MetaStore {
         let e = if end > u32::MAX as u64 {
             keys::chunk_blocks_range(volume, chunk).1
         } else {
-            keys::block_key(BlockKey { volume, chunk, block: end as u32, epoch: u64::MAX })
-                .to_vec()
+            keys::block_key(BlockKey { volume, chunk, block: end as u32, epoch: u64::MAX }).to_vec()
         };
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(e);
@@ -251,9 +250,9 @@ impl MetaStore {
         let mut out = Vec::new();
         for item in self.db.iterator_opt(IteratorMode::From(&s, Direction::Forward), ro) {
             let (k, v) = item?;
-            let bad =
-                |what: String| Error::CorruptMeta { key: format!("{k:02x?}"), what };
-            let volume = keys::parse_epochs_key(&k).ok_or_else(|| bad("not an epoch key".into()))?;
+            let bad = |what: String| Error::CorruptMeta { key: format!("{k:02x?}"), what };
+            let volume =
+                keys::parse_epochs_key(&k).ok_or_else(|| bad("not an epoch key".into()))?;
             let epochs: Epochs = bincode::deserialize(&v).map_err(|e| bad(e.to_string()))?;
             out.push((volume, epochs));
         }
@@ -460,8 +459,12 @@ mod tests {
             let m = MetaStore::open(dir.path()).unwrap();
             m.put_volume(&rec, None).unwrap();
             let put = |block, epoch, entry| BlockOp::Put { block, epoch, entry };
-            m.write_entries(3, 0, &[put(1, 1, Entry::Data { slot: 0, crc: 5 }), put(2, 1, Entry::Zero)])
-                .unwrap();
+            m.write_entries(
+                3,
+                0,
+                &[put(1, 1, Entry::Data { slot: 0, crc: 5 }), put(2, 1, Entry::Zero)],
+            )
+            .unwrap();
             m.write_entries(3, 0, &[BlockOp::Delete { block: 2, epoch: 1 }]).unwrap();
             m.write_entries(3, 0, &[put(4, 1, Entry::Discarded), put(4, 3, Entry::Zero)]).unwrap();
         }
@@ -470,11 +473,18 @@ mod tests {
         assert_eq!(m.next_volume_id().unwrap(), 4);
         assert_eq!(
             m.load_chunk(3, 0).unwrap(),
-            vec![(1, 1, Entry::Data { slot: 0, crc: 5 }), (4, 3, Entry::Zero), (4, 1, Entry::Discarded)]
+            vec![
+                (1, 1, Entry::Data { slot: 0, crc: 5 }),
+                (4, 3, Entry::Zero),
+                (4, 1, Entry::Discarded)
+            ]
         );
         let at = |e| m.entries_at(3, 0, [0, 1, 4, 5].into_iter(), e).unwrap();
         assert_eq!(at(0), vec![Entry::Hole; 4]);
-        assert_eq!(at(2), vec![Entry::Hole, Entry::Data { slot: 0, crc: 5 }, Entry::Discarded, Entry::Hole]);
+        assert_eq!(
+            at(2),
+            vec![Entry::Hole, Entry::Data { slot: 0, crc: 5 }, Entry::Discarded, Entry::Hole]
+        );
         assert_eq!(at(3)[2], Entry::Zero);
         assert_eq!(m.count_data_blocks().unwrap().get(&3), Some(&1));
         m.delete_volume(&rec).unwrap();

@@ -752,8 +752,7 @@ impl ChunkStore {
         }
         if in_chunk < full_start {
             let s = &src[..(full_start - in_chunk) as usize];
-            self.rmw_block(v, &c, (in_chunk / BS) as u32, (in_chunk % BS) as usize, s, at)
-                .await?;
+            self.rmw_block(v, &c, (in_chunk / BS) as u32, (in_chunk % BS) as usize, s, at).await?;
         }
         let mid = &src[(full_start - in_chunk) as usize..(full_end - in_chunk) as usize];
         self.write_full_blocks(v, &c, (full_start / BS) as u32, mid, at).await?;
@@ -902,6 +901,7 @@ impl ChunkStore {
         self.write_zeroes_as(v, offset, len, punch, false, Admit::Apply, at).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn write_zeroes_as(
         &self,
         v: &Volume,

@@ -99,6 +99,7 @@ impl ChunkStore {
     /// Stores one version of blocks `[first, first + n)` of a chunk as another replica sent
     /// it: `data` for data blocks, else `entry` (`Zero` or `Discarded`) for each. A version
     /// at the same epoch is replaced; the newest version of each block becomes its head.
+    #[allow(clippy::too_many_arguments)]
     pub async fn install_version(
         &self,
         v: &Volume,
@@ -132,7 +133,9 @@ impl ChunkStore {
             let e = match &data {
                 Some(d) => Entry::Data {
                     slot: slots[i as usize],
-                    crc: crc32c::crc32c(&d[i as usize * BS as usize..(i as usize + 1) * BS as usize]),
+                    crc: crc32c::crc32c(
+                        &d[i as usize * BS as usize..(i as usize + 1) * BS as usize],
+                    ),
                 },
                 None => entry,
             };
@@ -153,11 +156,10 @@ impl ChunkStore {
             let mut first = 0;
             while first < BLOCKS_PER_CHUNK as u32 {
                 let (meta, c2, e) = (self.meta.clone(), c.clone(), epochs.clone());
-                let n = tokio::task::spawn_blocking(move || {
-                    c2.collect(&meta, first, COLLECT_STEP, &e)
-                })
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+                let n =
+                    tokio::task::spawn_blocking(move || c2.collect(&meta, first, COLLECT_STEP, &e))
+                        .await
+                        .map_err(|e| Error::Internal(e.to_string()))??;
                 self.note_committed(v, &c, -(n as i64), n);
                 freed += n as u64;
                 first += COLLECT_STEP;

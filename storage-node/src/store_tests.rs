@@ -255,7 +255,13 @@ async fn epochs_keep_what_snapshots_see() {
     assert_eq!(versions.len(), 4, "blocks 0, 2, 3, 4; no discard left: {versions:?}");
     assert_eq!(
         s.changes(&v, &[0, 1], 0, 0).await.unwrap(),
-        vec![(0, b, false), (2 * b, b, true), (3 * b, b, false), (4 * b, b, true), (64 * MIB, b, false)]
+        vec![
+            (0, b, false),
+            (2 * b, b, true),
+            (3 * b, b, false),
+            (4 * b, b, true),
+            (64 * MIB, b, false)
+        ]
     );
 
     // Wiping a chunk removes every version.

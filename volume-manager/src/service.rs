@@ -176,7 +176,26 @@ impl Manager {
                 (leader, address)
             };
             match (leader, address) {
-                (Some(l), _) if l == self.id => return Ok(None),
+                // A replica restarted with its own committed vote believes it leads until it
+                // hears of a newer term: confirm with a quorum before serving, else wait for
+                // the leader the others elected.
+                (Some(l), _) if l == self.id => {
+                    let confirm = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        self.raft.ensure_linearizable(),
+                    );
+                    if let Ok(Ok(_)) = confirm.await {
+                        return Ok(None);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Status::unavailable(format!(
+                            "manager {}: leadership not confirmed by a quorum",
+                            self.id
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 (Some(_), Some(a)) if !is_forwarded(req) => return Ok(Some(self.channel(&a)?)),
                 _ => {}
             }
@@ -425,9 +444,8 @@ impl Manager {
         let name = if req.name.is_empty() {
             format!("snap-{}", self.state.read().head_epoch(v.id))
         } else {
-            validate_volume_name(&req.name).map_err(|e| {
-                Status::invalid_argument(format!("bad snapshot name: {e}"))
-            })?;
+            validate_volume_name(&req.name)
+                .map_err(|e| Status::invalid_argument(format!("bad snapshot name: {e}")))?;
             req.name
         };
         let cmd = Cmd::CreateSnapshot { volume_id: v.id, name, now: now_secs() };
@@ -963,9 +981,9 @@ impl v1::manager_server::Manager for Service {
             None
         };
         let exclusive = |epoch: u64| {
-            usage.as_ref().map_or(0, |u| {
-                u.exclusive.iter().find(|e| e.epoch == epoch).map_or(0, |e| e.bytes)
-            })
+            usage
+                .as_ref()
+                .map_or(0, |u| u.exclusive.iter().find(|e| e.epoch == epoch).map_or(0, |e| e.bytes))
         };
         let st = m.state.read();
         let snapshots =

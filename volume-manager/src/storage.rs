@@ -147,7 +147,8 @@ pub async fn volume_changes(
     to: u64,
 ) -> Result<Vec<v1::ChangedExtent>, Status> {
     first_answer(addresses, |ch| async move {
-        let req = v1::VolumeChangesRequest { volume_id: id, from_epoch: from, to_epoch: to, group: None };
+        let req =
+            v1::VolumeChangesRequest { volume_id: id, from_epoch: from, to_epoch: to, group: None };
         Ok(ClusterClient::new(ch).volume_changes(req).await?.into_inner().extents)
     })
     .await

@@ -446,6 +446,9 @@ fn classify(answer: Result<Reply, BackendError>) -> Outcome {
         Ok(Reply::Error(e)) if e.code == Code::Unavailable as i32 && e.leader != 0 => {
             Outcome::Redirect(e.leader)
         }
+        Ok(Reply::Error(e)) if e.code == Code::Aborted as i32 && e.epoch != 0 => {
+            Outcome::Fail(BackendError::StaleEpoch(e.epoch))
+        }
         Ok(Reply::Error(e)) => retry_or_fail(map_status(io_status(e))),
         Ok(reply) => Outcome::Done(reply),
         Err(e) => retry_or_fail(e),
@@ -623,7 +626,12 @@ mod tests {
     #[test]
     fn answers_are_classified_by_code_and_leader_hint() {
         let err = |code: Code, leader| {
-            Ok(Reply::Error(v1::IoError { code: code as i32, message: "m".into(), leader }))
+            Ok(Reply::Error(v1::IoError {
+                code: code as i32,
+                message: "m".into(),
+                leader,
+                epoch: 0,
+            }))
         };
         assert_eq!(classify(err(Code::Unavailable, 3)), Outcome::Redirect(3));
         assert_eq!(classify(err(Code::Unavailable, 0)), Outcome::Retry("m".into()));

@@ -607,6 +607,7 @@ impl Cluster {
         Self::done(self.propose(group, cmd).await?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn write_zeroes(
         &self,
         v: &Volume,
@@ -622,8 +623,7 @@ impl Cluster {
             self.linearize(group).await?;
             return self.store.write_zeroes(v, offset, len, punch, fua).await;
         }
-        let cmd =
-            Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua, generation, epoch };
+        let cmd = Cmd::WriteZeroes { volume: v.id.0, offset, len, punch, fua, generation, epoch };
         Self::done(self.propose(group, cmd).await?)
     }
 
@@ -674,10 +674,8 @@ impl Cluster {
 
     /// Refuses `epoch` unless it is a live snapshot of `volume` in `group` here.
     fn check_snapshot(&self, group: u32, volume: u64, epoch: u64) -> Result<()> {
-        let live = self.transport.epochs[group as usize]
-            .lock()
-            .get(&volume)
-            .is_some_and(|e| e.has(epoch));
+        let live =
+            self.transport.epochs[group as usize].lock().get(&volume).is_some_and(|e| e.has(epoch));
         if live {
             Ok(())
         } else {

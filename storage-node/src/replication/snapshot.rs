@@ -151,7 +151,12 @@ pub async fn stream_group(
 /// Streams every version of one chunk; returns the data bytes sent. A version reclaimed or
 /// overwritten while it is read (its slot reused) shows as a checksum mismatch: the chunk is
 /// then sent again from a fresh view (the receiver wipes it at each `Chunk` record).
-async fn stream_chunk(store: &ChunkStore, v: &Volume, chunk: u32, parts: &mut Parts) -> Result<u64> {
+async fn stream_chunk(
+    store: &ChunkStore,
+    v: &Volume,
+    chunk: u32,
+    parts: &mut Parts,
+) -> Result<u64> {
     const ATTEMPTS: usize = 8;
     let mut sent = 0;
     'attempt: for attempt in 1..=ATTEMPTS {

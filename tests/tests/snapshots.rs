@@ -1,0 +1,154 @@
+//! Snapshots with real processes: three manager replicas, three storage nodes, a frontend
+//! attached through the manager, writers over NBD, and the `tern` CLI.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_tests::cluster::Cluster;
+use tern_tests::managers::Managers;
+use tern_tests::{bin, require_tool, text};
+
+fn deployment() -> (Managers, Cluster) {
+    let m = Managers::start(&["--node-down-after", "10"]);
+    let c = Cluster::start_with(8, &["--manager", &m.addrs()]);
+    m.wait_json(&["node", "list"], Duration::from_secs(30), "three nodes up", |v| {
+        v.as_array().is_some_and(|ns| ns.len() == 3 && ns.iter().all(|n| n["state"] == "up"))
+    });
+    (m, c)
+}
+
+/// Runs `tests/scripts/snapshots.py` against `volume` through the frontend at `nbd`.
+fn snapshot_workload(m: &Managers, c: &Cluster, nbd: &str, volume: &str, snapshots: u32) {
+    require_tool("python3");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/snapshots.py");
+    let out_json = c.dir.path().join(format!("snapshots-{volume}.json"));
+    let o = Command::new("/usr/bin/python3")
+        .arg(script)
+        .args([nbd, volume, bin("tern").to_str().unwrap(), &m.endpoints()])
+        .arg(snapshots.to_string())
+        .arg(&out_json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "snapshot workload failed:\n{}\n{}\n{}",
+        text(&o),
+        c.logs(),
+        m.logs()
+    );
+    eprintln!("snapshot workload: {}", std::fs::read_to_string(&out_json).unwrap());
+}
+
+fn usage_total(m: &Managers, volume: &str) -> u64 {
+    m.json(&["snapshot", "list", volume, "--usage"])["total_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn snapshots_under_writes_hold_what_was_acknowledged_and_deletion_reclaims() {
+    let (m, c0) = deployment();
+    let mut c = c0;
+    m.must_tern(&["volume", "create", "vm", "--size", "512M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    snapshot_workload(&m, &c, &hv1.to_string(), "vm", 8);
+
+    // Every replica holds the same versions of every block (and the same snapshots).
+    c.wait_replicas_agree(Duration::from_secs(30));
+    let list = m.json(&["snapshot", "list", "vm", "--usage"]);
+    let snaps = list["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 8, "{list}");
+    assert!(snaps.iter().all(|s| s["state"] == "ready"), "{list}");
+    let epochs: Vec<u64> = snaps.iter().map(|s| s["epoch"].as_u64().unwrap()).collect();
+    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "epochs rise: {epochs:?}");
+    let exclusive: u64 = snaps.iter().map(|s| s["exclusive_bytes"].as_u64().unwrap()).sum();
+    let total = list["total_bytes"].as_u64().unwrap();
+    assert!(exclusive > 0 && exclusive < total, "{list}");
+
+    // Names are unique per volume; bad names and unknown snapshots get clear errors.
+    let dup = m.tern(&["snapshot", "create", "vm", "s1"]);
+    assert_eq!(dup.status.code(), Some(4), "{}", text(&dup));
+    let bad = m.tern(&["snapshot", "create", "vm", "no/slash"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    let missing = m.tern(&["snapshot", "delete", "vm", "nope"]);
+    assert_eq!(missing.status.code(), Some(3), "{}", text(&missing));
+    let backwards = m.tern(&["snapshot", "diff", "vm", "--from", "s3", "--to", "s2"]);
+    assert_eq!(backwards.status.code(), Some(2), "{}", text(&backwards));
+
+    // Deleting all but the last snapshot frees what only they held, on every replica, in
+    // the background.
+    for s in 1..8 {
+        m.must_tern(&["snapshot", "delete", "vm", &format!("s{s}")]);
+    }
+    let left = m.json(&["snapshot", "list", "vm"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    // What s1..s7 held alone goes, and then some: with only s8 left, each of the 192 blocks
+    // written has at most two versions (the head's and s8's).
+    let s8_alone = snaps[7]["exclusive_bytes"].as_u64().unwrap();
+    let expect = (total - (exclusive - s8_alone)).min(2 * 192 * 4096);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = usage_total(&m, "vm");
+        if now <= expect {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "space not reclaimed: {now} bytes held, expected at most {expect}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.wait_replicas_agree(Duration::from_secs(30));
+    // The one left still reads: its export serves every block it held.
+    let o = tern_tests::run(30, "nbdinfo", &[&format!("nbd://{hv1}/vm@s8")]);
+    assert!(o.status.success() && text(&o).contains("read_only: true"), "{}", text(&o));
+}
+
+#[test]
+fn a_snapshot_interrupted_by_a_manager_kill_is_finished_by_the_next_leader() {
+    let (mut m, mut c) = deployment();
+    m.must_tern(&["volume", "create", "vm", "--size", "256M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let uri = format!("nbd://{hv1}/vm");
+    let o = tern_tests::run(60, "qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 1M", &uri]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // With every storage node frozen, the manager records the snapshot and then waits on
+    // the chunk groups; its leader is killed there.
+    for i in 0..3 {
+        c.freeze(i);
+    }
+    let mut create = Command::new(bin("tern"))
+        .args(["--endpoint", &m.endpoints(), "snapshot", "create", "vm", "mid"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    m.wait_json(&["snapshot", "list", "vm"], Duration::from_secs(20), "snapshot recorded", |v| {
+        v[0]["state"] == "creating"
+    });
+    let leader = m.leader();
+    m.kill9(leader);
+    for i in 0..3 {
+        c.thaw(i);
+    }
+    let _ = create.kill();
+    let _ = create.wait();
+    m.wait_json(&["snapshot", "list", "vm"], Duration::from_secs(60), "snapshot finished", |v| {
+        v[0]["state"] == "ready"
+    });
+    // Writes after it go to the next epoch; the snapshot keeps what was there.
+    let o = tern_tests::run(60, "qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 1M", &uri]);
+    assert!(o.status.success(), "{}", text(&o));
+    let snap = format!("nbd://{hv1}/vm@mid");
+    let o = tern_tests::run(60, "qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x5a 0 1M", &snap]);
+    assert!(o.status.success() && !text(&o).contains("fail"), "{}", text(&o));
+    let o = tern_tests::run(60, "qemu-io", &["-f", "raw", "-c", "read -P 0x33 0 1M", &uri]);
+    assert!(o.status.success() && !text(&o).contains("fail"), "{}", text(&o));
+    // A deletion is finished the same way; the storage nodes agree throughout.
+    m.start_replica(leader);
+    m.must_tern(&["snapshot", "delete", "vm", "mid"]);
+    assert!(m.json(&["snapshot", "list", "vm"]).as_array().unwrap().is_empty());
+    c.wait_replicas_agree(Duration::from_secs(30));
+}
