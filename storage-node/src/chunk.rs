@@ -337,6 +337,65 @@ impl Chunk {
         Ok(Committed { applied: true, data_delta: delta, freed })
     }
 
+    /// Deletes the versions `deletes` that still exist and stores `puts`, in one batch; the
+    /// touched blocks' heads are then rebuilt from what is stored (a rollback's last step).
+    pub fn apply_versions(
+        &self,
+        meta: &MetaStore,
+        deletes: &[(u32, u64)],
+        puts: &[Version],
+    ) -> Result<Committed> {
+        let mut st = self.state.lock();
+        let before = meta.load_chunk(self.volume, self.index)?;
+        let present: std::collections::HashMap<(u32, u64), Entry> =
+            before.iter().map(|&(b, e, x)| ((b, e), x)).collect();
+        let mut ops = Vec::new();
+        let mut frees = Vec::new();
+        for &(b, e) in deletes {
+            if let Some(&old) = present.get(&(b, e)) {
+                ops.push(BlockOp::Delete { block: b, epoch: e });
+                frees.push(old);
+            }
+        }
+        let mut delta = 0i64;
+        for &(b, e, entry) in puts {
+            if let Some(&old) = present.get(&(b, e)) {
+                if !deletes.contains(&(b, e)) {
+                    frees.push(old);
+                }
+            }
+            if matches!(entry, Entry::Data { .. }) {
+                delta += 1;
+            }
+            ops.push(BlockOp::Put { block: b, epoch: e, entry });
+        }
+        meta.write_entries(self.volume, self.index, &ops)?;
+        let mut freed = 0;
+        for e in frees {
+            if st.free(e, true) {
+                freed += 1;
+                delta -= 1;
+            }
+        }
+        let touched: std::collections::HashSet<u32> =
+            deletes.iter().map(|d| d.0).chain(puts.iter().map(|p| p.0)).collect();
+        for &b in &touched {
+            st.map[b as usize] = NO_VERSION;
+        }
+        for (b, epoch, entry) in meta.load_chunk(self.volume, self.index)? {
+            if !touched.contains(&b) {
+                continue;
+            }
+            let h = &mut st.map[b as usize];
+            if h.entry == Entry::Hole {
+                *h = Head { entry, epoch, below: false };
+            } else {
+                h.below = true;
+            }
+        }
+        Ok(Committed { applied: true, data_delta: delta, freed })
+    }
+
     /// Removes the versions below the newest of blocks `[first, first + n)` that no snapshot
     /// of `epochs` sees any more (their slots go pending), and a discard with nothing left
     /// below it. Returns the data blocks freed.

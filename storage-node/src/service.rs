@@ -687,13 +687,14 @@ impl cluster_server::Cluster for Service {
         if r.epoch == 0 {
             return Err(Status::invalid_argument("snapshot epochs start at 1"));
         }
+        let op = crate::replication::cluster::SnapOp::of(r.delete, r.rollback)?;
         match r.group {
-            Some(g) => c.snapshot_group(g, r.volume_id, r.epoch, r.delete).await?,
+            Some(g) => c.snapshot_group(g, r.volume_id, r.epoch, op).await?,
             None => {
                 // As for fences: a volume not learned here yet is UNAVAILABLE.
                 let h = v1::IoHeader { volume_id: r.volume_id, epoch: 0, generation: 0 };
                 self.data_volume(Some(h))?;
-                c.snapshot_volume(r.volume_id, r.epoch, r.delete).await?
+                c.snapshot_volume(r.volume_id, r.epoch, op).await?
             }
         }
         Ok(Response::new(v1::SnapshotVolumeReply {}))

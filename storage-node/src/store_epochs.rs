@@ -169,6 +169,104 @@ impl ChunkStore {
         Ok(freed)
     }
 
+    /// Rolls `chunks` back to snapshot `to`: afterwards each block reads as the snapshot saw
+    /// it. Versions newer than the snapshot that no live snapshot of `epochs` sees go; where
+    /// some remain (later snapshots hold them), the snapshot's content is copied on top at
+    /// `floor`, the epoch writes go to. Deterministic, and idempotent on re-apply.
+    pub async fn rollback(
+        &self,
+        v: &Volume,
+        chunks: &[u32],
+        to: u64,
+        floor: u64,
+        epochs: &Epochs,
+    ) -> Result<()> {
+        for &index in chunks {
+            let c = self.chunk(v, index).await?;
+            let versions = self.chunk_versions(v, index).await?;
+            let mut deletes: Vec<(u32, u64)> = Vec::new();
+            let mut copies: Vec<(u32, Entry)> = Vec::new();
+            for vs in per_block(&versions) {
+                let b = vs[0].0;
+                let above: Vec<&Version> = vs.iter().filter(|x| x.1 > to).collect();
+                if above.is_empty() {
+                    continue;
+                }
+                let seen = vs.iter().find(|x| x.1 <= to).map_or(Entry::Hole, |x| x.2);
+                let mut kept = false;
+                let mut next = floor;
+                for &&(_, e, _) in &above {
+                    if epochs.needed(e, next) {
+                        kept = true;
+                        next = e;
+                    } else {
+                        deletes.push((b, e));
+                    }
+                }
+                if kept {
+                    copies.push((b, seen));
+                }
+            }
+            if deletes.is_empty() && copies.is_empty() {
+                continue;
+            }
+            // Copies of the snapshot's data go to fresh slots first.
+            let data: Vec<Entry> = copies
+                .iter()
+                .filter(|(_, e)| matches!(e, Entry::Data { .. }))
+                .map(|x| x.1)
+                .collect();
+            let slots = c.alloc(data.len());
+            let mut puts: Vec<Version> = Vec::with_capacity(copies.len());
+            if !data.is_empty() {
+                let bytes = match self.read_entries(v, index, &data).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => {
+                        c.unalloc(&slots);
+                        return Err(Error::Internal(format!(
+                            "a version of chunk {index} of volume {} that snapshot {to} sees \
+                             does not match its checksum",
+                            v.id
+                        )));
+                    }
+                    Err(e) => {
+                        c.unalloc(&slots);
+                        return Err(e);
+                    }
+                };
+                let writes = slots.iter().enumerate().map(|(i, &slot)| {
+                    let buf =
+                        AlignedBuf::from_slice(&bytes[i * BS as usize..(i + 1) * BS as usize]);
+                    self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
+                });
+                if let Err(source) = try_join_all(writes).await {
+                    c.unalloc(&slots);
+                    return Err(Error::DataIo { volume: v.id, source });
+                }
+            }
+            let mut si = 0;
+            for (b, e) in copies {
+                let entry = match e {
+                    Entry::Data { crc, .. } => {
+                        si += 1;
+                        Entry::Data { slot: slots[si - 1], crc }
+                    }
+                    Entry::Zero => Entry::Zero,
+                    Entry::Hole | Entry::Discarded => Entry::Discarded,
+                };
+                puts.push((b, floor, entry));
+            }
+            match c.apply_versions(&self.meta, &deletes, &puts) {
+                Ok(done) => self.note_committed(v, &c, done.data_delta, done.freed),
+                Err(e) => {
+                    c.unalloc(&slots);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The ranges of `chunks` whose content differs between epochs `from` and `to` (0 for
     /// `to`: the head; 0 for `from`: nothing, so every allocated range counts). Both must be
     /// live snapshots (or the head): then a block changed exactly when the version `to` sees

@@ -289,3 +289,56 @@ async fn write_ahead_of_a_snapshot_keeps_the_version() {
     let r = s.apply_write(&v, 0, a.clone(), At::Epoch { epoch: 1, epochs: &ep }).await;
     assert!(matches!(r, Err(Error::Internal(_))), "{r:?}");
 }
+
+/// A rollback makes the head read as the snapshot, keeps what later snapshots see, and is
+/// the same when applied twice.
+#[tokio::test]
+async fn rollback_restores_the_snapshot_and_keeps_later_ones() {
+    use crate::chunk::At;
+    use crate::epoch::Epochs;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), EngineKind::Sync);
+    let v = vol(&s, "r", 64 * MIB).await;
+    let b = 4096u64;
+    let mut ep = Epochs::default();
+    let a = pattern(3 * b as usize, 1);
+    s.apply_write(&v, 0, a.clone(), At::Epoch { epoch: 1, epochs: &ep }).await.unwrap();
+    ep.snapshot(1);
+    // Epoch 2: block 0 rewritten, block 1 trimmed, block 3 written (a hole in snapshot 1).
+    let b2 = pattern(b as usize, 2);
+    s.apply_write(&v, 0, b2.clone(), At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    s.apply_trim(&v, b, b, At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    s.apply_write(&v, 3 * b, b2.clone(), At::Epoch { epoch: 2, epochs: &ep }).await.unwrap();
+    ep.snapshot(2);
+    // Epoch 3: block 2 rewritten (only the head has it).
+    s.apply_write(&v, 2 * b, pattern(b as usize, 3), At::Epoch { epoch: 3, epochs: &ep })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        s.rollback(&v, &[0], 1, ep.floor, &ep).await.unwrap();
+        let head = s.read_at(&v, 0, 4 * b, 0).await.unwrap();
+        assert_eq!(&head[..3 * b as usize], &a[..], "the head reads as snapshot 1");
+        assert!(head[3 * b as usize..].iter().all(|&x| x == 0));
+        // Snapshot 2 is untouched.
+        let two = s.read_at(&v, 0, 4 * b, 2).await.unwrap();
+        assert_eq!(&two[..4096], &b2[..]);
+        assert!(two[4096..8192].iter().all(|&x| x == 0));
+        assert_eq!(&two[8192..3 * 4096], &a[8192..]);
+        assert_eq!(&two[3 * 4096..], &b2[..]);
+    }
+    // Block 2's epoch-3 version (nobody else's) is gone; writes go on at the floor.
+    s.apply_write(&v, 0, pattern(b as usize, 4), At::Epoch { epoch: 3, epochs: &ep })
+        .await
+        .unwrap();
+    assert_eq!(s.read_at(&v, 0, b, 1).await.unwrap(), a.slice(..4096));
+    // Without later snapshots, a rollback copies nothing: the newer versions just go.
+    let mut solo = Epochs::default();
+    let w = vol(&s, "solo", 64 * MIB).await;
+    s.apply_write(&w, 0, a.clone(), At::Epoch { epoch: 1, epochs: &solo }).await.unwrap();
+    solo.snapshot(1);
+    s.apply_write(&w, 0, b2.clone(), At::Epoch { epoch: 2, epochs: &solo }).await.unwrap();
+    assert_eq!(w.allocated_bytes(), 4 * b);
+    s.rollback(&w, &[0], 1, solo.floor, &solo).await.unwrap();
+    assert_eq!(w.allocated_bytes(), 3 * b);
+    assert_eq!(s.read(&w, 0, 3 * b).await.unwrap(), a);
+}

@@ -152,3 +152,66 @@ fn a_snapshot_interrupted_by_a_manager_kill_is_finished_by_the_next_leader() {
     assert!(m.json(&["snapshot", "list", "vm"]).as_array().unwrap().is_empty());
     c.wait_replicas_agree(Duration::from_secs(30));
 }
+
+#[test]
+fn rollback_restores_a_snapshot_and_fences_the_old_host() {
+    let (m, mut c) = deployment();
+    m.must_tern(&["volume", "create", "vm", "--size", "256M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let io = |addr: &std::net::SocketAddr, export: &str, cmd: &str| {
+        let uri = format!("nbd://{addr}/{export}");
+        let ro = if export.contains('@') { "-r" } else { "-n" };
+        tern_tests::run(60, "qemu-io", &[ro, "-f", "raw", "-c", cmd, &uri])
+    };
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success() && !text(&o).contains("fail"), "{}", text(&o));
+    };
+    // Chunk 0 and chunk 2 (two groups) hold 0x5a in s1, 0x33 in s2, 0x77 at the head.
+    for (p, snap) in [("0x5a", Some("s1")), ("0x33", Some("s2")), ("0x77", None)] {
+        for off in ["0", "128M"] {
+            ok(io(&hv1, "vm", &format!("write -P {p} {off} 1M")));
+        }
+        if let Some(s) = snap {
+            m.must_tern(&["snapshot", "create", "vm", s]);
+        }
+    }
+    // A connection hv1 keeps open across the rollback (it attached the volume).
+    let script = "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint('READY', flush=True)\nsys.stdin.readline()\ntry:\n    h.pwrite(b'\\x11' * 65536, 0); print('WROTE')\nexcept nbd.Error as e:\n    print('REFUSED', e.errno)\n";
+    let mut open = Command::new("/usr/bin/python3")
+        .args(["-c", script, &format!("nbd://{hv1}/vm")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(open.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "READY");
+    // Not while attached.
+    let busy = m.tern(&["snapshot", "rollback", "vm", "s1"]);
+    assert_eq!(busy.status.code(), Some(6), "{}", text(&busy));
+    m.must_tern(&["volume", "detach", "vm", "--host", "hv1"]);
+    m.must_tern(&["snapshot", "rollback", "vm", "s1"]);
+    // hv1's open connection writes with the old generation: fenced off.
+    std::io::Write::write_all(open.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let said = lines.next().unwrap().unwrap();
+    assert_eq!(said, "REFUSED EPERM", "a write of the old host after the rollback: {said}");
+    let _ = open.wait();
+    // Another host sees s1's content; s2 is intact; replicas agree.
+    let hv2 = c.start_another_frontend("hv2", &["--manager", &m.endpoints(), "--host", "hv2"]);
+    for off in ["0", "128M"] {
+        ok(io(&hv2, "vm", &format!("read -P 0x5a {off} 1M")));
+        ok(io(&hv2, "vm@s2", &format!("read -P 0x33 {off} 1M")));
+    }
+    ok(io(&hv2, "vm", "write -P 0x44 0 1M"));
+    ok(io(&hv2, "vm@s1", "read -P 0x5a 0 1M"));
+    c.wait_replicas_agree(Duration::from_secs(30));
+    // Since s1: hv2's write, and the ranges the rollback restored under s2's versions (new
+    // versions with s1's content: a backup copies them again, never misses a change).
+    let diff = m.json(&["snapshot", "diff", "vm", "--from", "s1"]);
+    let ranges: Vec<(u64, u64)> = diff
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ranges, vec![(0, 1 << 20), (128 << 20, 1 << 20)], "{diff}");
+}

@@ -472,6 +472,31 @@ impl Manager {
         Ok(())
     }
 
+    async fn rollback_here(&self, req: v1::RollbackSnapshotRequest) -> Result<(), Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        let rec = self.find_snapshot(&v, &req.name)?;
+        if rec.state != SnapshotState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {:?} is {:?}",
+                rec.name, rec.state
+            )));
+        }
+        // No host may write while the blocks change under it: the volume is detached, and a
+        // new generation fences off any host that still writes with the old one.
+        let Reply::Generation(generation) =
+            self.propose(Cmd::NextGeneration { volume_id: v.id }).await?
+        else {
+            return Err(Status::internal("unexpected reply to a generation change"));
+        };
+        storage::fence_volume(&self.storage_addresses(), v.id, generation).await?;
+        let op = storage::SnapOp::Rollback;
+        storage::snapshot_volume(&self.storage_addresses(), v.id, rec.epoch, op).await?;
+        tracing::info!(volume = %v.name, snapshot = %rec.name, generation, "volume rolled back");
+        Ok(())
+    }
+
     fn find_snapshot(&self, v: &VolumeRecord, name: &str) -> Result<SnapshotRecord, Status> {
         if name.is_empty() {
             return Err(Status::invalid_argument("a snapshot name is required"));
@@ -488,14 +513,16 @@ impl Manager {
         match rec.state {
             SnapshotState::Ready => Ok(rec),
             SnapshotState::Creating => {
-                storage::snapshot_volume(&self.storage_addresses(), id, epoch, false).await?;
+                let op = storage::SnapOp::Create;
+                storage::snapshot_volume(&self.storage_addresses(), id, epoch, op).await?;
                 match self.propose(Cmd::SnapshotCreated { volume_id: id, epoch }).await? {
                     Reply::Snapshot(r) => Ok(r),
                     other => Err(Status::internal(format!("unexpected reply {other:?}"))),
                 }
             }
             SnapshotState::Deleting => {
-                match storage::snapshot_volume(&self.storage_addresses(), id, epoch, true).await {
+                let op = storage::SnapOp::Delete;
+                match storage::snapshot_volume(&self.storage_addresses(), id, epoch, op).await {
                     Ok(()) => {}
                     // The volume is gone, and every version with it.
                     Err(s) if s.code() == tonic::Code::NotFound => {}
@@ -1003,6 +1030,16 @@ impl v1::manager_server::Manager for Service {
         forward!(m, req, ManagerClient, delete_snapshot);
         m.delete_snapshot_here(req.into_inner()).await?;
         Ok(Response::new(v1::DeleteSnapshotResponse {}))
+    }
+
+    async fn rollback_snapshot(
+        &self,
+        req: Request<v1::RollbackSnapshotRequest>,
+    ) -> Result<Response<v1::RollbackSnapshotResponse>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, rollback_snapshot);
+        m.rollback_here(req.into_inner()).await?;
+        Ok(Response::new(v1::RollbackSnapshotResponse {}))
     }
 
     async fn diff_snapshots(

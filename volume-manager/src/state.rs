@@ -181,6 +181,11 @@ pub enum Cmd {
         volume_id: u64,
         epoch: u64,
     },
+    /// Issues the volume's next fencing generation without attaching it (refused while it is
+    /// attached): before a rollback, so no host writes into it meanwhile.
+    NextGeneration {
+        volume_id: u64,
+    },
 }
 
 /// What a command did, or why it was refused (the same on every replica).
@@ -193,6 +198,7 @@ pub enum Reply {
     Attachment(Attachment),
     Cluster(StorageCluster),
     Snapshot(SnapshotRecord),
+    Generation(u64),
     Refused(Refusal),
 }
 
@@ -507,6 +513,21 @@ impl State {
             Cmd::SnapshotDeleted { volume_id, epoch } => {
                 self.snapshots.remove(&(volume_id, epoch));
                 Ok(Reply::Done)
+            }
+            Cmd::NextGeneration { volume_id } => {
+                let v = self
+                    .volumes
+                    .get(&volume_id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no volume with id {volume_id}")))?;
+                if let Some(a) = self.attachments.get(&volume_id) {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "volume {:?} is attached to host {:?}; detach it first",
+                        v.name, a.host
+                    )));
+                }
+                let generation = self.generations.get(&volume_id).copied().unwrap_or(0) + 1;
+                self.generations.insert(volume_id, generation);
+                Ok(Reply::Generation(generation))
             }
             Cmd::Detach { volume_id, host } => match self.attachments.get(&volume_id) {
                 None => Ok(Reply::Done),

@@ -123,16 +123,30 @@ pub async fn fence_volume(addresses: &[String], id: u64, generation: u64) -> Res
     .await
 }
 
-/// Commits the creation (or deletion) of the snapshot at `epoch` in every chunk group (see
-/// `Cluster.SnapshotVolume`).
+/// What to do with a snapshot in every chunk group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapOp {
+    Create,
+    Delete,
+    Rollback,
+}
+
+/// Commits the creation, deletion or a rollback to the snapshot at `epoch` in every chunk
+/// group (see `Cluster.SnapshotVolume`).
 pub async fn snapshot_volume(
     addresses: &[String],
     id: u64,
     epoch: u64,
-    delete: bool,
+    op: SnapOp,
 ) -> Result<(), Status> {
     first_answer(addresses, |ch| async move {
-        let req = v1::SnapshotVolumeRequest { volume_id: id, epoch, delete, group: None };
+        let req = v1::SnapshotVolumeRequest {
+            volume_id: id,
+            epoch,
+            delete: op == SnapOp::Delete,
+            rollback: op == SnapOp::Rollback,
+            group: None,
+        };
         ClusterClient::new(ch).snapshot_volume(req).await?;
         Ok(())
     })

@@ -72,6 +72,8 @@ enum SnapshotCmd {
     Get { volume: String, name: String },
     /// Delete a snapshot; the space only it held is reclaimed in the background.
     Delete { volume: String, name: String },
+    /// Roll a volume back to a snapshot (detach it first). Every snapshot stays.
+    Rollback { volume: String, name: String },
     /// The ranges that changed between two snapshots (the blocks an incremental backup
     /// copies): from `--from` (default: nothing, so every allocated range) to `--to`
     /// (default: the volume as it is now).
@@ -765,6 +767,15 @@ async fn snapshot_command(
                 println!("{}", serde_json::json!({ "deleted": name, "volume": volume }));
             } else {
                 println!("deleted snapshot {name} of volume {volume}");
+            }
+        }
+        SnapshotCmd::Rollback { volume, name } => {
+            let req = v1::RollbackSnapshotRequest { volume: by_name(&volume), name: name.clone() };
+            mgr.rollback_snapshot(req).await?;
+            if json {
+                println!("{}", serde_json::json!({ "rolled_back": volume, "snapshot": name }));
+            } else {
+                println!("rolled volume {volume} back to snapshot {name}");
             }
         }
         SnapshotCmd::Diff { volume, from, to } => {

@@ -812,13 +812,13 @@ impl Cluster {
 
     // ----- snapshots ---------------------------------------------------------------------
 
-    /// Creates (or deletes) the snapshot at `epoch` of `volume` in every data group, each
-    /// through its leader; returns once every group committed it.
-    pub async fn snapshot_volume(&self, volume: u64, epoch: u64, delete: bool) -> Result<()> {
+    /// Creates, deletes or rolls the volume back to the snapshot at `epoch` of `volume` in
+    /// every data group, each through its leader; returns once every group committed it.
+    pub async fn snapshot_volume(&self, volume: u64, epoch: u64, op: SnapOp) -> Result<()> {
         if epoch == 0 {
             return Err(Error::Unsupported("epoch 0 is never a snapshot"));
         }
-        let op = GroupOp::Snapshot { volume, epoch, delete };
+        let op = GroupOp::Snapshot { volume, epoch, op };
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let results =
             futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await;
@@ -828,7 +828,7 @@ impl Cluster {
                 e => Error::Unavailable(format!("snapshot of volume {volume} in group {g}: {e}")),
             })?;
         }
-        tracing::info!(volume, epoch, delete, "snapshot committed in every group");
+        tracing::info!(volume, epoch, ?op, "snapshot operation committed in every group");
         Ok(())
     }
 
@@ -838,7 +838,7 @@ impl Cluster {
         group: u32,
         volume: u64,
         epoch: u64,
-        delete: bool,
+        op: SnapOp,
     ) -> Result<()> {
         if group == META_GROUP || group > self.cfg.groups {
             return Err(Error::NoSuchGroup(group));
@@ -846,10 +846,10 @@ impl Cluster {
         if epoch == 0 {
             return Err(Error::Unsupported("epoch 0 is never a snapshot"));
         }
-        let cmd = if delete {
-            Cmd::DeleteSnapshot { volume, epoch }
-        } else {
-            Cmd::Snapshot { volume, epoch }
+        let cmd = match op {
+            SnapOp::Create => Cmd::Snapshot { volume, epoch },
+            SnapOp::Delete => Cmd::DeleteSnapshot { volume, epoch },
+            SnapOp::Rollback => Cmd::Rollback { volume, epoch },
         };
         Self::done(self.propose(group, cmd).await?)
     }
@@ -956,8 +956,8 @@ impl Cluster {
             GroupOp::Fence { volume, generation } => {
                 self.fence_group(group, volume, generation).await.map(|()| GroupAnswer::Done)
             }
-            GroupOp::Snapshot { volume, epoch, delete } => {
-                self.snapshot_group(group, volume, epoch, delete).await.map(|()| GroupAnswer::Done)
+            GroupOp::Snapshot { volume, epoch, op } => {
+                self.snapshot_group(group, volume, epoch, op).await.map(|()| GroupAnswer::Done)
             }
             GroupOp::Changes { volume, from, to } => {
                 self.group_changes(group, volume, from, to).await.map(GroupAnswer::Changes)
@@ -969,11 +969,30 @@ impl Cluster {
     }
 }
 
+/// What a snapshot operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapOp {
+    Create,
+    Delete,
+    Rollback,
+}
+
+impl SnapOp {
+    pub fn of(delete: bool, rollback: bool) -> Result<Self> {
+        match (delete, rollback) {
+            (false, false) => Ok(Self::Create),
+            (true, false) => Ok(Self::Delete),
+            (false, true) => Ok(Self::Rollback),
+            (true, true) => Err(Error::Unsupported("a snapshot is deleted or rolled back to")),
+        }
+    }
+}
+
 /// A step of a volume-wide operation that one chunk group's leader runs.
 #[derive(Clone, Copy, Debug)]
 enum GroupOp {
     Fence { volume: u64, generation: u64 },
-    Snapshot { volume: u64, epoch: u64, delete: bool },
+    Snapshot { volume: u64, epoch: u64, op: SnapOp },
     Changes { volume: u64, from: u64, to: u64 },
     Usage { volume: u64 },
 }
@@ -1001,9 +1020,14 @@ async fn remote_group_op(addr: &str, group: u32, op: GroupOp) -> Result<GroupAns
             c.fence_group(req).await.map_err(status)?;
             Ok(GroupAnswer::Done)
         }
-        GroupOp::Snapshot { volume, epoch, delete } => {
-            let req =
-                v1::SnapshotVolumeRequest { volume_id: volume, epoch, delete, group: Some(group) };
+        GroupOp::Snapshot { volume, epoch, op } => {
+            let req = v1::SnapshotVolumeRequest {
+                volume_id: volume,
+                epoch,
+                delete: op == SnapOp::Delete,
+                rollback: op == SnapOp::Rollback,
+                group: Some(group),
+            };
             c.snapshot_volume(req).await.map_err(status)?;
             Ok(GroupAnswer::Done)
         }

@@ -88,6 +88,12 @@ pub enum Cmd {
         volume: u64,
         epoch: u64,
     },
+    /// Rolls the volume's chunks in this group back to the snapshot at `epoch` (see
+    /// `ChunkStore::rollback`).
+    Rollback {
+        volume: u64,
+        epoch: u64,
+    },
     // ----- the meta group -----
     /// Creates a volume whose id is this entry's log index (the same on every replica).
     CreateVolume {
@@ -120,7 +126,7 @@ impl Cmd {
             // A fence must outlive a power loss: the old host might write again.
             Cmd::Fence { .. } => true,
             // So must a snapshot: writes after it must not land in it after a power loss.
-            Cmd::Snapshot { .. } | Cmd::DeleteSnapshot { .. } => true,
+            Cmd::Snapshot { .. } | Cmd::DeleteSnapshot { .. } | Cmd::Rollback { .. } => true,
             // Volume records are small and rare: always durable.
             Cmd::CreateVolume { .. }
             | Cmd::ResizeVolume { .. }

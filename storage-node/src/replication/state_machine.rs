@@ -251,6 +251,7 @@ impl StateMachine {
                 self.spawn_collect(*volume, epoch);
                 return Ok(Reply::Done);
             }
+            Cmd::Rollback { volume, epoch } => return self.rollback(*volume, *epoch).await,
             _ => {}
         }
         let r = match cmd {
@@ -289,7 +290,10 @@ impl StateMachine {
             }
             // Its durability was the log's business (see `log_store`).
             Cmd::Flush => Ok(()),
-            Cmd::Fence { .. } | Cmd::Snapshot { .. } | Cmd::DeleteSnapshot { .. } => Ok(()),
+            Cmd::Fence { .. }
+            | Cmd::Snapshot { .. }
+            | Cmd::DeleteSnapshot { .. }
+            | Cmd::Rollback { .. } => Ok(()),
             Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at } => {
                 return self
                     .create_volume(index, name, size, read_only, tenant, labels, created_at)
@@ -317,6 +321,29 @@ impl StateMachine {
             Err(Error::VolumeDeleted(_)) => Ok(Reply::Done),
             Err(e) => refuse_or_fail(e),
         }
+    }
+
+    /// Rolls this group's chunks of `volume` back to the snapshot at `epoch`, on the state
+    /// machine worker (nothing of the group applies meanwhile).
+    async fn rollback(&mut self, volume: u64, epoch: u64) -> Result<Reply, StorageError> {
+        let state = self.epochs.lock().get(&volume).cloned().unwrap_or_default();
+        if !state.has(epoch) {
+            return Ok(Reply::Refused {
+                code: tonic::Code::NotFound as i32,
+                message: format!("volume {volume} has no snapshot at epoch {epoch}"),
+            });
+        }
+        let Some(v) = self.volume(volume).await? else {
+            return Ok(Reply::Refused {
+                code: tonic::Code::NotFound as i32,
+                message: format!("volume {volume} was deleted"),
+            });
+        };
+        let chunks: Vec<u32> =
+            snapshot::group_chunks(&v.record(), self.group, self.groups).collect();
+        self.store.rollback(&v, &chunks, epoch, state.floor, &state).await.map_err(sm_err)?;
+        tracing::info!(group = self.group, volume, epoch, "rolled back to a snapshot");
+        Ok(Reply::Done)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,180 @@
+//! The snapshot benchmark (run by `bench/snapshots`, release binaries): a managed three-node
+//! cluster, a frontend attached through the volume manager, and
+//!
+//! 1. the time to create `SNAPSHOTS` snapshots of a volume (default 1000), one after the
+//!    other, while fio writes to it (each snapshot then holds blocks of its own);
+//! 2. 4 KiB random-write IOPS at QD32 on that volume against a twin volume without
+//!    snapshots, measured alternately (`ROUNDS` each, the median kept) in the same run;
+//! 3. the time to delete them all, and until their space is reclaimed.
+//!
+//! Prints a Markdown table.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_proto::v1::{self, manager_client::ManagerClient};
+use tern_tests::cluster::Cluster;
+use tern_tests::managers::Managers;
+use tern_tests::text;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn fio(uri: &str, name: &str, args: &[&str]) -> f64 {
+    let o = Command::new("fio")
+        .args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--output-format=json",
+        ])
+        .args(args)
+        .output()
+        .expect("fio");
+    assert!(o.status.success(), "fio {name} failed\n{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("fio json");
+    v["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn volume(name: &str) -> Option<v1::VolumeRef> {
+    Some(v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Name(name.into())) })
+}
+
+fn main() {
+    let count = env_u64("SNAPSHOTS", 1000);
+    let rounds = env_u64("ROUNDS", 3);
+    let runtime = env_u64("RUNTIME", 10);
+    let groups = env_u64("CHUNK_GROUPS", 32) as u32;
+    let m = Managers::start(&["--node-down-after", "30", "--groups", &groups.to_string()]);
+    let mut c = Cluster::start_with(groups, &["--manager", &m.addrs(), "--worker-threads", "1"]);
+    m.wait_json(&["node", "list"], Duration::from_secs(60), "three nodes up", |v| {
+        v.as_array().is_some_and(|ns| ns.len() == 3 && ns.iter().all(|n| n["state"] == "up"))
+    });
+    for v in ["snap", "plain"] {
+        m.must_tern(&["volume", "create", v, "--size", "1G"]);
+    }
+    let hv = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let uri = |v: &str| format!("nbd://{hv}/{v}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let endpoint = m.endpoints().split(',').next().unwrap().to_string();
+    let mut mgr = rt.block_on(ManagerClient::connect(endpoint)).expect("manager");
+
+    // 1. Snapshots under writes.
+    let mut writer = Command::new("fio")
+        .args([
+            "--name=bg",
+            "--ioengine=nbd",
+            &format!("--uri={}", uri("snap")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=1G",
+            "--time_based",
+            "--runtime=3600",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_secs(2));
+    let mut create_ms = Vec::new();
+    let t = Instant::now();
+    for i in 0..count {
+        let req = v1::CreateSnapshotRequest { volume: volume("snap"), name: format!("s{i}") };
+        let s = Instant::now();
+        rt.block_on(mgr.create_snapshot(req)).expect("create snapshot");
+        create_ms.push(s.elapsed().as_secs_f64() * 1000.0);
+    }
+    let create_total = t.elapsed().as_secs_f64();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    create_ms.sort_by(f64::total_cmp);
+
+    // 2. Write IOPS with and without the snapshots, alternately.
+    let args =
+        ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=1G", "--time_based", "--ramp_time=2"];
+    let runtime_arg = format!("--runtime={runtime}");
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for r in 0..rounds {
+        let mut a: Vec<&str> = args.to_vec();
+        a.push(&runtime_arg);
+        without.push(fio(&uri("plain"), &format!("plain{r}"), &a));
+        with.push(fio(&uri("snap"), &format!("snap{r}"), &a));
+    }
+    with.sort_by(f64::total_cmp);
+    without.sort_by(f64::total_cmp);
+    let (w, wo) = (with[with.len() / 2], without[without.len() / 2]);
+    let usage = rt
+        .block_on(
+            mgr.list_snapshots(v1::ListSnapshotsRequest {
+                volume: volume("snap"),
+                with_usage: true,
+            }),
+        )
+        .expect("usage")
+        .into_inner();
+
+    // 3. Delete them all; then wait for the space to come back.
+    let mut delete_ms = Vec::new();
+    let t = Instant::now();
+    for i in 0..count {
+        let req = v1::DeleteSnapshotRequest { volume: volume("snap"), name: format!("s{i}") };
+        let s = Instant::now();
+        rt.block_on(mgr.delete_snapshot(req)).expect("delete snapshot");
+        delete_ms.push(s.elapsed().as_secs_f64() * 1000.0);
+    }
+    let delete_total = t.elapsed().as_secs_f64();
+    delete_ms.sort_by(f64::total_cmp);
+    let reclaim = Instant::now();
+    let head = loop {
+        let u = rt
+            .block_on(mgr.list_snapshots(v1::ListSnapshotsRequest {
+                volume: volume("snap"),
+                with_usage: true,
+            }))
+            .expect("usage")
+            .into_inner();
+        if u.total_bytes == u.head_only_bytes || reclaim.elapsed() > Duration::from_secs(600) {
+            break u;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let reclaim_secs = reclaim.elapsed().as_secs_f64();
+    c.must_be_alive();
+
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| create {count} snapshots under 4k randwrite QD4: per snapshot p50 / p99 / max | {:.1} / {:.1} / {:.1} ms ({create_total:.1} s in all) |",
+        percentile(&create_ms, 0.5),
+        percentile(&create_ms, 0.99),
+        create_ms.last().unwrap()
+    );
+    println!(
+        "| space held: all versions / snapshots alone / head alone | {:.0} / {:.0} / {:.0} MiB |",
+        mib(usage.total_bytes),
+        mib(usage.snapshots.iter().map(|s| s.exclusive_bytes).sum()),
+        mib(usage.head_only_bytes)
+    );
+    println!(
+        "| 4k randwrite QD32, {count} snapshots vs none (median of {rounds} x {runtime} s) | {w:.0} vs {wo:.0} IOPS = {:.2}x |",
+        w / wo
+    );
+    println!(
+        "| delete {count} snapshots: per snapshot p50 / p99 / max | {:.1} / {:.1} / {:.1} ms ({delete_total:.1} s in all) |",
+        percentile(&delete_ms, 0.5),
+        percentile(&delete_ms, 0.99),
+        delete_ms.last().unwrap()
+    );
+    println!(
+        "| space reclaimed after the deletions (to the head's {:.0} MiB) | {reclaim_secs:.1} s |",
+        mib(head.total_bytes)
+    );
+}
