@@ -223,8 +223,8 @@ impl Chunk {
                     if h.entry != Entry::Hole && h.epoch > epoch {
                         return Err(Error::Internal(format!(
                             "block {b} of chunk {}/{} has a version at epoch {} above the \
-                             write's epoch {epoch}",
-                            self.volume, self.index, h.epoch
+                             write's epoch {epoch} (floor {}, known {})",
+                            self.volume, self.index, h.epoch, epochs.floor, epochs.known
                         )));
                     }
                     (epoch, h.entry != Entry::Hole && epochs.keeps(h.epoch, epoch))

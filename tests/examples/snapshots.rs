@@ -33,7 +33,10 @@ fn fio(uri: &str, name: &str, args: &[&str]) -> f64 {
         .output()
         .expect("fio");
     assert!(o.status.success(), "fio {name} failed\n{}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("fio json");
+    // fio may print notes before its JSON.
+    let out = String::from_utf8_lossy(&o.stdout);
+    let json = &out[out.find('{').unwrap_or(0)..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
     v["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0)
 }
 

@@ -19,27 +19,15 @@ Prints READY once the first writes are acknowledged (the test then injects its f
 JSON summary (counts, the longest stretch without any completed write) at the end. Exits 1 with
 the first violation found.
 """
-import json, random, struct, sys, threading, time
+import json, random, sys, threading, time
 import nbd
+from versioned_blocks import BS, content, version_of
 
 uri, seconds, out_path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-BS = 4096
 WRITERS, READERS = 4, 2
 # 256 blocks, 4 MiB apart: every 64 MiB chunk of a 1 GiB volume (so every group) is hit.
 BLOCKS = [k * 1024 + (k % 7) for k in range(256)]
 
-def content(b, v):
-    return struct.pack("<QQ", b, v) * (BS // 16)
-
-ZERO = bytes(BS)
-
-def version_of(b, data):
-    if data == ZERO:
-        return 0
-    bb, v = struct.unpack_from("<QQ", data)
-    if bb != b or data != content(b, v):
-        raise AssertionError("block %d holds torn or foreign content %r" % (b, data[:16]))
-    return v
 
 now = time.monotonic
 writes = {b: [] for b in BLOCKS}   # b -> [(version, t_invoked, t_done or None, ok)]

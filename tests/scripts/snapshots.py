@@ -20,28 +20,16 @@ every snapshot is read back through its read-only export `VOLUME@NAME` and check
 Prints READY once the first writes are acknowledged, and a JSON summary at the end. Exits 1
 with the first violation found.
 """
-import json, random, struct, subprocess, sys, threading, time
+import json, random, subprocess, sys, threading, time
 import nbd
+from versioned_blocks import BS, content, version_of
 
 hostport, volume, tern, endpoints, count, out_path = sys.argv[1:7]
 count = int(count)
-BS = 4096
 WRITERS = 4
 # 192 blocks spread over a 512 MiB volume: every chunk (so every chunk group) is hit.
 BLOCKS = [k * 683 + (k % 5) for k in range(192)]
 
-def content(b, v):
-    return struct.pack("<QQ", b, v) * (BS // 16)
-
-ZERO = bytes(BS)
-
-def version_of(b, data):
-    if data == ZERO:
-        return 0
-    bb, v = struct.unpack_from("<QQ", data)
-    if bb != b or data != content(b, v):
-        raise AssertionError("block %d holds torn or foreign content %r" % (b, data[:16]))
-    return v
 
 now = time.monotonic
 writes = {b: [] for b in BLOCKS}   # b -> [(version, t_invoked, t_done or None, ok)]

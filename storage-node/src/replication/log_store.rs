@@ -155,6 +155,22 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// The last purged log id. Stored as a `LogId`; builds before 0.1 stored an
+    /// `Option<LogId>` (one byte longer), which was then misread after a restart: both are
+    /// read right.
+    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
+        match self.meta.raft_state(self.group, RaftField::LastPurged).map_err(read_err)? {
+            None => Ok(None),
+            Some(b) if b.len() == LOG_ID_LEN + 1 => decode::<Option<LogId>>(&b).map_err(read_err),
+            Some(b) => decode::<LogId>(&b).map(Some).map_err(read_err),
+        }
+    }
+}
+
+/// Bytes of an encoded `LogId` (term, node id, index).
+const LOG_ID_LEN: usize = 24;
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -176,7 +192,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.get_state(RaftField::LastPurged)?;
+        let last_purged_log_id = self.last_purged()?;
         let last = match self.meta.raft_last_entry(self.group).map_err(read_err)? {
             Some(b) => Some(decode::<Entry>(&b).map_err(read_err)?.log_id),
             None => last_purged_log_id,
@@ -263,7 +279,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 self.group,
                 0,
                 log_id.index + 1,
-                Some((RaftField::LastPurged, encode(&Some(log_id)))),
+                Some((RaftField::LastPurged, encode(&log_id))),
             )
             .map_err(write_err)
     }
@@ -333,5 +349,33 @@ mod tests {
         assert_eq!(r.first_index(), Some(5));
         r.truncate(0);
         assert_eq!(r.bytes, 0);
+    }
+
+    /// A node restarted after its log was purged reads the purge point back from RocksDB (it
+    /// once read garbage there and could not start).
+    #[tokio::test]
+    async fn last_purged_reads_back() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::store::StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            engine: crate::engine::EngineKind::Sync,
+            direct_io: false,
+        };
+        let store = ChunkStore::open(cfg).unwrap();
+        let meta = store.meta();
+        let purged = LogId::new(CommittedLeaderId::new(2, 1), 767);
+        let mut log = LogStore::new(3, meta.clone(), store.clone());
+        meta.raft_append(3, &(760..800).map(|i| (i, encode(&entry(i, 8)))).collect::<Vec<_>>())
+            .unwrap();
+        log.purge(purged).await.unwrap();
+        // A fresh log store (as after a restart) reads everything from RocksDB.
+        let mut log = LogStore::new(3, meta.clone(), store);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(purged));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(799));
+        // What earlier builds stored reads the same.
+        meta.put_raft_state(3, RaftField::LastPurged, &encode(&Some(purged)), false).unwrap();
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(purged));
     }
 }

@@ -57,6 +57,8 @@ pub struct StateMachine {
     fences: HashMap<u64, u64>,
     /// Epoch state per volume in this group (see `crate::epoch`), mirrored from RocksDB.
     epochs: GroupEpochs,
+    /// Volumes with a reclaim running here, and whether another pass is wanted after it.
+    reclaims: Arc<parking_lot::Mutex<HashMap<u64, bool>>>,
     /// Index of the applied id last persisted.
     saved_index: u64,
     membership: Membership,
@@ -92,6 +94,7 @@ impl StateMachine {
             last_applied,
             fences,
             epochs,
+            reclaims: Arc::default(),
             saved_index,
             membership,
         })
@@ -105,8 +108,8 @@ impl StateMachine {
             .iter()
             .flat_map(|(v, e)| e.collecting.iter().map(move |s| (*v, *s)))
             .collect();
-        for (volume, epoch) in pending {
-            self.spawn_collect(volume, epoch);
+        for (volume, _) in pending {
+            self.spawn_collect(volume);
         }
     }
 
@@ -150,32 +153,57 @@ impl StateMachine {
         self.meta.put_epochs(self.group, volume, cur).map_err(sm_err)
     }
 
-    /// Reclaims, in the background, what the deleted snapshot at `epoch` alone held in this
-    /// group's chunks of `volume`; then forgets that it has to.
-    fn spawn_collect(&self, volume: u64, epoch: u64) {
+    /// Reclaims, in the background, what the deleted snapshots of `volume` alone held in this
+    /// group's chunks; then forgets that it has to. One pass at a time per volume: deletions
+    /// while a pass runs ask for one more pass after it (a pass covers every deletion applied
+    /// before it started).
+    fn spawn_collect(&self, volume: u64) {
+        {
+            let mut running = self.reclaims.lock();
+            if let Some(again) = running.get_mut(&volume) {
+                *again = true;
+                return;
+            }
+            running.insert(volume, false);
+        }
         let (store, meta, epochs) = (self.store.clone(), self.meta.clone(), self.epochs.clone());
+        let running = self.reclaims.clone();
         let (group, groups) = (self.group, self.groups);
         tokio::spawn(async move {
-            let Ok(v) = store.get(volume) else { return };
-            let rec = v.record();
-            let chunks: Vec<u32> = snapshot::group_chunks(&rec, group, groups).collect();
-            // Decided with the state as it is now: snapshots created later are at newer
-            // epochs and see only what is newest now, never what this reclaims.
-            let state = epochs.lock().get(&volume).cloned().unwrap_or_default();
-            match store.collect(&v, &chunks, &state).await {
-                Ok(freed) => {
-                    tracing::info!(group, volume, epoch, freed, "snapshot space reclaimed");
-                    let mut map = epochs.lock();
-                    if let Some(cur) = map.get_mut(&volume) {
-                        Arc::make_mut(cur).collecting.remove(&epoch);
-                        if let Err(e) = meta.put_epochs(group, volume, cur) {
-                            tracing::warn!(%e, "saving the epoch state after a reclaim");
+            loop {
+                let Ok(v) = store.get(volume) else { break };
+                let rec = v.record();
+                let chunks: Vec<u32> = snapshot::group_chunks(&rec, group, groups).collect();
+                // Decided with the state as it is now: snapshots created later are at newer
+                // epochs and see only what is newest now, never what this reclaims.
+                let state = epochs.lock().get(&volume).cloned().unwrap_or_default();
+                match store.collect(&v, &chunks, &state).await {
+                    Ok(freed) => {
+                        let done = &state.collecting;
+                        tracing::info!(group, volume, ?done, freed, "snapshot space reclaimed");
+                        let mut map = epochs.lock();
+                        if let Some(cur) = map.get_mut(&volume) {
+                            Arc::make_mut(cur).collecting.retain(|e| !done.contains(e));
+                            if let Err(e) = meta.put_epochs(group, volume, cur) {
+                                tracing::warn!(%e, "saving the epoch state after a reclaim");
+                            }
                         }
                     }
+                    Err(Error::VolumeDeleted(_)) => break,
+                    Err(e) => {
+                        tracing::error!(group, volume, %e, "reclaiming snapshot space");
+                        break;
+                    }
                 }
-                Err(Error::VolumeDeleted(_)) => {}
-                Err(e) => tracing::error!(group, volume, epoch, %e, "reclaiming snapshot space"),
+                let mut r = running.lock();
+                if r.get(&volume) == Some(&true) {
+                    r.insert(volume, false);
+                    continue;
+                }
+                r.remove(&volume);
+                return;
             }
+            running.lock().remove(&volume);
         });
     }
 
@@ -248,7 +276,7 @@ impl StateMachine {
             Cmd::DeleteSnapshot { volume, epoch } => {
                 let epoch = *epoch;
                 self.change_epochs(*volume, |e| e.delete(epoch))?;
-                self.spawn_collect(*volume, epoch);
+                self.spawn_collect(*volume);
                 return Ok(Reply::Done);
             }
             Cmd::Rollback { volume, epoch } => return self.rollback(*volume, *epoch).await,
@@ -385,6 +413,8 @@ impl StateMachine {
         let mut listed: HashSet<(u64, u32)> = HashSet::new();
         let mut current: Option<(Arc<Volume>, u32)> = None;
         let mut epochs_installed = false;
+        // The newest epoch of any version installed, per volume (see below).
+        let mut newest: HashMap<u64, u64> = HashMap::new();
         for part in snapshot::read_parts(path).map_err(sm_err)? {
             for record in part.map_err(sm_err)? {
                 match record {
@@ -420,6 +450,8 @@ impl StateMachine {
                     }
                     Record::Blocks { first, epoch, data } => {
                         if let Some((v, chunk)) = &current {
+                            let n = newest.entry(v.id.0).or_default();
+                            *n = (*n).max(epoch);
                             let n = (data.len() as u64 / BLOCK_SIZE) as u32;
                             let e = crate::meta::Entry::Hole;
                             self.store
@@ -430,6 +462,8 @@ impl StateMachine {
                     }
                     Record::Entries { first, epoch, n, discarded } => {
                         if let Some((v, chunk)) = &current {
+                            let newest = newest.entry(v.id.0).or_default();
+                            *newest = (*newest).max(epoch);
                             let e = if discarded {
                                 crate::meta::Entry::Discarded
                             } else {
@@ -452,6 +486,17 @@ impl StateMachine {
                 self.meta.delete_epochs(self.group, *v).map_err(sm_err)?;
             }
             self.epochs.lock().clear();
+        }
+        // The epoch states were read when the stream started, the chunks after: a chunk may
+        // hold versions written at an epoch past the floor sent. The sender had raised its
+        // floor to that epoch before writing them, so every write at an older epoch that the
+        // log replays from here on was either refused there or is already in the chunks:
+        // raise the floor likewise, so they are refused here too.
+        for (volume, epoch) in newest {
+            let raise = self.epochs.lock().get(&volume).is_none_or(|e| e.floor < epoch);
+            if raise {
+                self.change_epochs(volume, |e| e.floor = e.floor.max(epoch))?;
+            }
         }
         self.resume_collects();
         // Chunks of this group the snapshot does not list hold nothing on the leader.
