@@ -286,3 +286,47 @@ fn a_storage_node_killed_during_snapshots_catches_up_and_replicas_agree() {
     let size = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert!(o.status.success() && size == "536870912", "{}", text(&o));
 }
+
+#[test]
+fn a_rollback_survives_kill9_of_a_storage_node_and_of_the_manager() {
+    let (mut m, mut c) = deployment();
+    m.must_tern(&["volume", "create", "vm", "--size", "256M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let io = |export: &str, cmd: &str| {
+        let uri = format!("nbd://{hv1}/{export}");
+        let mode = if export.contains('@') { "-r" } else { "-n" };
+        let o = tern_tests::run(60, "qemu-io", &[mode, "-f", "raw", "-c", cmd, &uri]);
+        assert!(o.status.success() && !text(&o).contains("fail"), "{}", text(&o));
+    };
+    // 16 MiB in each of the four chunks: s1 holds 0x5a, s2 0x33, the head 0x77.
+    for (p, snap) in [("0x5a", Some("s1")), ("0x33", Some("s2")), ("0x77", None)] {
+        for off in ["0", "64M", "128M", "192M"] {
+            io("vm", &format!("write -P {p} {off} 16M"));
+        }
+        if let Some(s) = snap {
+            m.must_tern(&["snapshot", "create", "vm", s]);
+        }
+    }
+    m.must_tern(&["volume", "detach", "vm", "--host", "hv1"]);
+    // Node 2 and the leading manager die while the rollback runs; asked again, it completes
+    // (it is idempotent), and node 2 catches up to the same state.
+    let mut rollback = Command::new(bin("tern"))
+        .args(["--endpoint", &m.endpoints(), "snapshot", "rollback", "vm", "s1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    c.kill9(1);
+    let leader = m.leader();
+    m.kill9(leader);
+    let _ = rollback.wait();
+    m.must_tern(&["snapshot", "rollback", "vm", "s1"]);
+    c.start_node(1);
+    m.start_replica(leader);
+    c.wait_replicas_agree(Duration::from_secs(60));
+    for off in ["0", "64M", "128M", "192M"] {
+        io("vm", &format!("read -P 0x5a {off} 16M"));
+        io("vm@s2", &format!("read -P 0x33 {off} 16M"));
+    }
+}
