@@ -85,6 +85,8 @@ struct Inner {
     /// The attachment of each volume attached here: its generation and the epoch its writes
     /// carry (sent with every write).
     attached: parking_lot::RwLock<std::collections::HashMap<u64, Arc<Attached>>>,
+    /// The id each volume's chunks are placed by, where it is not the volume's own (clones).
+    placements: parking_lot::RwLock<std::collections::HashMap<u64, u64>>,
     /// Read-only exports of snapshots (`volume@snapshot`): export id -> (volume id, epoch).
     snapshots: parking_lot::RwLock<std::collections::HashMap<u64, (u64, u64)>>,
     next_snapshot_export: std::sync::atomic::AtomicU64,
@@ -137,6 +139,7 @@ impl GrpcBackend {
                 seeds,
                 attacher,
                 attached: Default::default(),
+                placements: Default::default(),
                 snapshots: Default::default(),
                 next_snapshot_export: std::sync::atomic::AtomicU64::new(SNAPSHOT_EXPORT),
                 mode: OnceCell::new(),
@@ -155,6 +158,18 @@ impl GrpcBackend {
     fn attachment(&self, volume_id: u64) -> Option<Arc<Attached>> {
         self.inner.attacher.as_ref()?;
         self.inner.attached.read().get(&volume_id).cloned()
+    }
+
+    /// The id `volume_id`'s chunks are placed by (routing): a clone's parent's.
+    fn placement(&self, volume_id: u64) -> u64 {
+        self.inner.placements.read().get(&volume_id).copied().unwrap_or(volume_id)
+    }
+
+    /// Remembers how a volume's chunks are placed, from its record.
+    fn learn_placement(&self, v: &v1::Volume) {
+        if v.placement_id != 0 && v.placement_id != v.id {
+            self.inner.placements.write().insert(v.id, v.placement_id);
+        }
     }
 
     /// The volume and epoch an export id reads: a snapshot export's, or the volume's head.
@@ -219,6 +234,23 @@ impl GrpcBackend {
         };
         if s.state != v1::SnapshotState::Ready as i32 {
             return Ok(None);
+        }
+        // The volume's record tells how its chunks are placed (a clone's snapshot).
+        let mode = match self.mode() {
+            Some(mode) => mode,
+            None => self.discover_mode().await?,
+        };
+        if let Mode::Cluster(c) = mode {
+            let req = v1::GetVolumeRequest {
+                volume: Some(v1::VolumeRef { r#ref: Some(volume_ref::Ref::Id(s.volume_id)) }),
+            };
+            let v = Box::pin(c.control(|mut admin| {
+                let req = req.clone();
+                async move { admin.get_volume(req).await }
+            }))
+            .await
+            .map_err(map_status)?;
+            self.learn_placement(&v);
         }
         let id = {
             let mut snaps = self.inner.snapshots.write();
@@ -541,8 +573,9 @@ impl Backend for GrpcBackend {
                         }
                     }
                 }
+                self.learn_placement(&v);
                 if let Mode::Cluster(c) = mode {
-                    c.remember_size(v.id, v.size_bytes);
+                    c.remember_size(self.placement(v.id), v.size_bytes);
                 }
                 Ok(Some(export_info(v)))
             }
@@ -582,7 +615,8 @@ impl Backend for GrpcBackend {
             Mode::Cluster(c) => {
                 // Pieces of a `len`-byte read fit in a u32.
                 let op = |p: Part| read_op(volume_id, epoch, p.offset, p.len as u32);
-                let replies = Box::pin(c.scatter(volume_id, offset, len.into(), op)).await?;
+                let place = self.placement(volume_id);
+                let replies = Box::pin(c.scatter(place, offset, len.into(), op)).await?;
                 let pieces = chunk_parts(offset, len.into())
                     .zip(replies)
                     .map(|(p, reply)| read_data(reply, p.len))
@@ -617,9 +651,8 @@ impl Backend for GrpcBackend {
                         let op = |p: Part| {
                             write_op(volume_id, tag, p.offset, data.slice(p.within(offset)), fua)
                         };
-                        Box::pin(c.scatter(volume_id, offset, data.len() as u64, op))
-                            .await
-                            .map(drop)
+                        let place = self.placement(volume_id);
+                        Box::pin(c.scatter(place, offset, data.len() as u64, op)).await.map(drop)
                     }
                 }
             }
@@ -649,7 +682,8 @@ impl Backend for GrpcBackend {
                 Mode::Cluster(c) => {
                     let op =
                         |p: Part| write_zeroes_op(volume_id, tag, p.offset, p.len, punch_hole, fua);
-                    Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
+                    let place = self.placement(volume_id);
+                    Box::pin(c.scatter(place, offset, len, op)).await.map(drop)
                 }
             }
         })
@@ -675,7 +709,8 @@ impl Backend for GrpcBackend {
                 }
                 Mode::Cluster(c) => {
                     let op = |p: Part| trim_op(volume_id, tag, p.offset, p.len, fua);
-                    Box::pin(c.scatter(volume_id, offset, len, op)).await.map(drop)
+                    let place = self.placement(volume_id);
+                    Box::pin(c.scatter(place, offset, len, op)).await.map(drop)
                 }
             }
         })
@@ -694,7 +729,8 @@ impl Backend for GrpcBackend {
         match mode {
             Mode::Single(node) => call_single(node, flush_op(volume_id, None)).await.map(drop),
             Mode::Cluster(c) => {
-                Box::pin(c.flush(volume_id, |g| flush_op(volume_id, Some(g)))).await
+                let place = self.placement(volume_id);
+                Box::pin(c.flush(place, |g| flush_op(volume_id, Some(g)))).await
             }
         }
     }
@@ -718,7 +754,8 @@ impl Backend for GrpcBackend {
                 // Only the first chunk's piece: NBD lets a reply cover less than was asked.
                 let p = first_part(offset, len);
                 let op = block_status_op(volume_id, epoch, p.offset, p.len);
-                Box::pin(c.send(c.group_of(volume_id, p.chunk), op)).await?
+                let place = self.placement(volume_id);
+                Box::pin(c.send(c.group_of(place, p.chunk), op)).await?
             }
         };
         extents(reply)

@@ -128,6 +128,9 @@ pub struct Chunk {
     state: Mutex<State>,
     /// Set when a write completed since the last barrier took this chunk.
     pub dirty: AtomicBool,
+    /// The volume is a clone: a block with no version reads from the parent, so a discard
+    /// of it must be stored (it hides the parent's block).
+    pub has_parent: bool,
 }
 
 /// Result of a commit: whether it applied, and the change in data blocks held.
@@ -139,7 +142,13 @@ pub struct Committed {
 
 impl Chunk {
     /// Builds the chunk from its persisted versions (by block, newest first).
-    pub fn new(volume: u64, index: u32, file: Arc<DataFile>, versions: Vec<Version>) -> Self {
+    pub fn new(
+        volume: u64,
+        index: u32,
+        file: Arc<DataFile>,
+        versions: Vec<Version>,
+        has_parent: bool,
+    ) -> Self {
         let mut map = vec![NO_VERSION; BLOCKS_PER_CHUNK as usize];
         let mut used = Vec::new();
         for (b, epoch, e) in versions {
@@ -161,6 +170,7 @@ impl Chunk {
             file,
             state: Mutex::new(State { map, alloc }),
             dirty: AtomicBool::new(false),
+            has_parent,
         }
     }
 
@@ -231,11 +241,12 @@ impl Chunk {
                 }
             };
             let head = if h.entry == Entry::Hole {
-                // No version yet.
-                if discard {
+                // No version yet: a discard hides nothing, unless a parent's block shows.
+                if discard && !self.has_parent {
                     continue;
                 }
-                Head { entry: new, epoch, below: false }
+                let entry = if discard { Entry::Discarded } else { new };
+                Head { entry, epoch, below: false }
             } else if keep {
                 // The old version stays for a snapshot; the new one goes on top.
                 let entry = if discard { Entry::Discarded } else { new };

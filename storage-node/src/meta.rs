@@ -31,6 +31,32 @@ pub struct VolumeRecord {
     pub tenant: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A clone's parent: blocks the clone has no version of read from there.
+    #[serde(default)]
+    pub parent: Option<Parent>,
+    /// The id its chunks are placed by (a clone's is its parent's: their chunks share chunk
+    /// groups, so a replica reads a clone's unwritten blocks from its own copy of the
+    /// parent). 0: the volume's own id.
+    #[serde(default)]
+    pub placement: u64,
+}
+
+/// The snapshot a clone was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    pub volume: u64,
+    pub epoch: u64,
+}
+
+impl VolumeRecord {
+    /// The id chunk groups are chosen by.
+    pub fn placement(&self) -> u64 {
+        if self.placement == 0 {
+            self.id
+        } else {
+            self.placement
+        }
+    }
 }
 
 fn default_class() -> String {
@@ -454,6 +480,8 @@ mod tests {
             storage_class: "local".into(),
             tenant: String::new(),
             labels: Default::default(),
+            parent: None,
+            placement: 0,
         };
         {
             let m = MetaStore::open(dir.path()).unwrap();

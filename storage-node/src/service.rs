@@ -129,6 +129,7 @@ fn epoch_of(h: &Option<v1::IoHeader>) -> u64 {
 /// The one conversion of a volume to its wire form.
 fn to_wire(v: &Volume) -> v1::Volume {
     let r = v.record();
+    let placement = r.placement();
     v1::Volume {
         id: r.id,
         name: r.name,
@@ -143,6 +144,9 @@ fn to_wire(v: &Volume) -> v1::Volume {
         read_only: r.read_only,
         created_at: r.created_at,
         allocated_bytes: v.allocated_bytes(),
+        placement_id: placement,
+        parent_volume_id: r.parent.map_or(0, |p| p.volume),
+        parent_epoch: r.parent.map_or(0, |p| p.epoch),
         tenant: r.tenant,
         labels: r.labels.into_iter().collect(),
     }
@@ -187,6 +191,8 @@ impl Service {
         }
         tern_common::validate_volume_name(&r.name)?;
         tern_common::validate_volume_size(r.size_bytes)?;
+        let parent = (r.parent_volume_id != 0)
+            .then_some(crate::meta::Parent { volume: r.parent_volume_id, epoch: r.parent_epoch });
         let cmd = Cmd::CreateVolume {
             name: r.name,
             size: r.size_bytes,
@@ -194,6 +200,7 @@ impl Service {
             tenant: r.tenant,
             labels,
             created_at: crate::store::now_secs(),
+            parent,
         };
         let id =
             self.propose_meta(c, cmd).await?.ok_or(Error::Unavailable("no volume id".into()))?;
@@ -216,6 +223,10 @@ impl Service {
 
     async fn update_here(&self, r: v1::UpdateVolumeRequest) -> Result<Arc<Volume>, Error> {
         let v = self.linear_volume(r.volume).await?;
+        if r.clear_parent && v.parent().is_some() {
+            let c = self.cluster.as_ref().ok_or(Error::Unsupported("clones need a cluster"))?;
+            self.propose_meta(c, Cmd::ClearParent { id: v.id.0 }).await?;
+        }
         if let Some(ro) = r.read_only {
             match &self.cluster {
                 None => self.store.set_read_only(&v, ro).await?,
@@ -687,7 +698,7 @@ impl cluster_server::Cluster for Service {
         if r.epoch == 0 {
             return Err(Status::invalid_argument("snapshot epochs start at 1"));
         }
-        let op = crate::replication::cluster::SnapOp::of(r.delete, r.rollback)?;
+        let op = crate::replication::cluster::SnapOp::of(r.delete, r.rollback, r.flatten)?;
         match r.group {
             Some(g) => c.snapshot_group(g, r.volume_id, r.epoch, op).await?,
             None => {

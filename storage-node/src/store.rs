@@ -82,6 +82,11 @@ impl Volume {
         self.record.read().clone()
     }
 
+    /// The snapshot a clone reads its unwritten blocks from.
+    pub fn parent(&self) -> Option<crate::meta::Parent> {
+        self.record.read().parent
+    }
+
     /// Whether the volume's chunks are replicated by a cluster's chunk groups.
     pub fn is_replicated(&self) -> bool {
         self.record.read().storage_class == "replicated"
@@ -134,6 +139,9 @@ pub struct NewVolume {
     pub read_only: bool,
     pub tenant: String,
     pub labels: BTreeMap<String, String>,
+    /// A clone's parent snapshot, and the id its chunks are placed by (see `VolumeRecord`).
+    pub parent: Option<crate::meta::Parent>,
+    pub placement: u64,
 }
 
 pub struct ChunkStore {
@@ -352,6 +360,8 @@ impl ChunkStore {
             },
             tenant: new.tenant,
             labels: new.labels,
+            parent: new.parent,
+            placement: new.placement,
         };
         let dir = self.cfg.data_dir.join("volumes").join(id.to_string());
         std::fs::create_dir_all(&dir)
@@ -426,6 +436,16 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Forgets a clone's parent (after `copy_up` copied every inherited block).
+    pub async fn clear_parent(&self, v: &Arc<Volume>) -> Result<()> {
+        let _admin = self.admin.lock().await;
+        let mut rec = v.record();
+        rec.parent = None;
+        self.meta.put_volume(&rec, None)?;
+        *v.record.write() = rec;
+        Ok(())
+    }
+
     pub async fn set_read_only(&self, v: &Arc<Volume>, read_only: bool) -> Result<()> {
         let _admin = self.admin.lock().await;
         let mut rec = v.record();
@@ -447,11 +467,12 @@ impl ChunkStore {
                 let meta = self.meta.clone();
                 let path = v.dir.join(format!("{index}.dat"));
                 let (volume, direct) = (v.id.0, self.cfg.direct_io);
+                let has_parent = v.parent().is_some();
                 tokio::task::spawn_blocking(move || -> Result<Chunk> {
                     let file = DataFile::open(&path, direct)
                         .map_err(|source| Error::OpenDataFile { path: path.clone(), source })?;
                     let entries = meta.load_chunk(volume, index)?;
-                    Ok(Chunk::new(volume, index, Arc::new(file), entries))
+                    Ok(Chunk::new(volume, index, Arc::new(file), entries, has_parent))
                 })
                 .await
                 .map_err(|e| Error::DataIo { volume: v.id, source: std::io::Error::other(e) })?
@@ -621,6 +642,9 @@ impl ChunkStore {
             }
             match bad {
                 None => {
+                    if let Some(p) = v.parent() {
+                        self.fill_from_parent(p, &c, first, &entries, blocks).await?;
+                    }
                     if !aligned {
                         dst.copy_from_slice(&scratch[skip..skip + dst.len()]);
                     }
@@ -649,6 +673,40 @@ impl ChunkStore {
             }
         }
         unreachable!("the loop returns")
+    }
+
+    /// A clone's blocks with no version read as its parent's snapshot does: fills those of
+    /// `entries` (blocks from `first` of chunk `c`) into `out` from the parent (recursively,
+    /// for a clone of a clone). Past the parent's end they read as zeros.
+    async fn fill_from_parent(
+        &self,
+        p: crate::meta::Parent,
+        c: &Chunk,
+        first: u32,
+        entries: &[Entry],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let parent = self.get(p.volume)?;
+        let size = parent.record().size;
+        let mut i = 0;
+        while i < entries.len() {
+            if entries[i] != Entry::Hole {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < entries.len() && entries[j] == Entry::Hole {
+                j += 1;
+            }
+            let off = v_offset(c, first + i as u32);
+            let len = ((j - i) as u64 * BS).min(size.saturating_sub(off));
+            if len > 0 {
+                let data = Box::pin(self.read_at(&parent, off, len, p.epoch)).await?;
+                out[i * BS as usize..i * BS as usize + data.len()].copy_from_slice(&data);
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// Reads the given entries' blocks into `out` (`entries.len()` blocks long; zeros for
@@ -827,11 +885,20 @@ impl ChunkStore {
     ) -> Result<()> {
         loop {
             let old = c.entry(block);
-            if matches!(old, Entry::Hole | Entry::Zero | Entry::Discarded) && is_zero(bytes) {
+            let inherited = old == Entry::Hole && c.has_parent;
+            if matches!(old, Entry::Hole | Entry::Zero | Entry::Discarded)
+                && !inherited
+                && is_zero(bytes)
+            {
                 return Ok(()); // zeros over zeros: nothing to do
             }
             let mut merged = vec![0u8; BS as usize];
             self.read_blocks(v, c, &[old], &mut merged).await?;
+            if inherited {
+                if let Some(p) = v.parent() {
+                    self.fill_from_parent(p, c, block, &[old], &mut merged).await?;
+                }
+            }
             if let Entry::Data { crc, .. } = old {
                 let got = crc32c::crc32c(&merged);
                 if got != crc {
@@ -1006,8 +1073,12 @@ impl ChunkStore {
             let first = (full_start / BS) as u32;
             let n = ((full_end - full_start) / BS) as u32;
             let current = c.entries(first, n);
-            // A discard over a discard changes nothing any epoch reads.
-            let same = |e: Entry| e == new || (new == Entry::Hole && e == Entry::Discarded);
+            // A discard over a discard changes nothing any epoch reads (a clone's block with
+            // no version is not a discard: its parent's shows).
+            let same = |e: Entry| {
+                (e == new && !(c.has_parent && e == Entry::Hole))
+                    || (new == Entry::Hole && e == Entry::Discarded)
+            };
             let updates: Vec<(u32, Entry)> = current
                 .iter()
                 .enumerate()
@@ -1046,8 +1117,12 @@ impl ChunkStore {
         let mut out: Vec<(u64, Entry)> = Vec::new();
         let mut pos = offset;
         let end = offset + len;
+        // A clone's block with no version is its parent's: reported as data (allowed: data
+        // may read as zeros).
+        let inherits = v.parent().is_some();
         let class = |e: Entry| match e {
             Entry::Data { .. } => Entry::Data { slot: 0, crc: 0 },
+            Entry::Hole if inherits => Entry::Data { slot: 0, crc: 0 },
             Entry::Discarded => Entry::Hole,
             other => other,
         };

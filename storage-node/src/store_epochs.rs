@@ -267,6 +267,83 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Copies into the clone `v` the blocks of `chunks` that some epoch of it still reads
+    /// from its parent's snapshot: those with no version at all, and those whose oldest
+    /// version is newer than one of the clone's live snapshots (`epochs`). The copies go in
+    /// at epoch 0, beneath every version of the clone (whose epochs start at 1), so every
+    /// epoch of the clone reads them where it read the parent. Only blocks holding data
+    /// there are copied (the rest reads as zeros without a parent too). Afterwards the clone
+    /// no longer needs its parent. Idempotent (a block with an epoch-0 version is done).
+    pub async fn copy_up(&self, v: &Volume, chunks: &[u32], epochs: &Epochs) -> Result<()> {
+        let Some(p) = v.parent() else { return Ok(()) };
+        let oldest_snapshot = epochs.snapshots.first().copied();
+        for &index in chunks {
+            let c = self.chunk(v, index).await?;
+            let versions = self.chunk_versions(v, index).await?;
+            let mut oldest: Vec<Option<u64>> = vec![None; BLOCKS_PER_CHUNK as usize];
+            for &(b, e, _) in &versions {
+                let o = &mut oldest[b as usize];
+                *o = Some(o.map_or(e, |x| x.min(e)));
+            }
+            let inherits = |b: usize| match oldest[b] {
+                None => true,
+                Some(0) => false,
+                Some(m) => oldest_snapshot.is_some_and(|s| s < m),
+            };
+            let mut b = 0usize;
+            while b < oldest.len() {
+                if !inherits(b) {
+                    b += 1;
+                    continue;
+                }
+                // A run of inherited blocks, at most 256 (1 MiB) at a time.
+                let start = b;
+                while b < oldest.len() && inherits(b) && b - start < 256 {
+                    b += 1;
+                }
+                let n = b - start;
+                let mut data = vec![0u8; n * BS as usize];
+                let holes = vec![Entry::Hole; n];
+                self.fill_from_parent(p, &c, start as u32, &holes, &mut data).await?;
+                let block = |i: usize| &data[i * BS as usize..(i + 1) * BS as usize];
+                let keep: Vec<usize> = (0..n).filter(|&i| !is_zero(block(i))).collect();
+                if keep.is_empty() {
+                    continue;
+                }
+                let slots = c.alloc(keep.len());
+                let runs = slot_runs(slots.iter().copied().enumerate());
+                let writes = runs.iter().map(|&(slot, k, count)| {
+                    let mut buf = AlignedBuf::zeroed(count * BS as usize);
+                    for j in 0..count {
+                        buf[j * BS as usize..(j + 1) * BS as usize]
+                            .copy_from_slice(block(keep[k + j]));
+                    }
+                    self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
+                });
+                if let Err(source) = try_join_all(writes).await {
+                    c.unalloc(&slots);
+                    return Err(Error::DataIo { volume: v.id, source });
+                }
+                let copies: Vec<Version> = keep
+                    .iter()
+                    .zip(&slots)
+                    .map(|(&i, &slot)| {
+                        let crc = crc32c::crc32c(block(i));
+                        ((start + i) as u32, 0, Entry::Data { slot, crc })
+                    })
+                    .collect();
+                match c.install(&self.meta, &copies) {
+                    Ok(done) => self.note_committed(v, &c, done.data_delta, done.freed),
+                    Err(e) => {
+                        c.unalloc(&slots);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The ranges of `chunks` whose content differs between epochs `from` and `to` (0 for
     /// `to`: the head; 0 for `from`: nothing, so every allocated range counts). Both must be
     /// live snapshots (or the head): then a block changed exactly when the version `to` sees

@@ -342,3 +342,56 @@ async fn rollback_restores_the_snapshot_and_keeps_later_ones() {
     assert_eq!(w.allocated_bytes(), 3 * b);
     assert_eq!(s.read(&w, 0, 3 * b).await.unwrap(), a);
 }
+
+/// A clone reads its parent's snapshot where it wrote nothing, and the two stay apart both
+/// ways; copying up makes it independent.
+#[tokio::test]
+async fn clones_inherit_and_stay_isolated() {
+    use crate::chunk::At;
+    use crate::epoch::Epochs;
+    use crate::meta::Parent;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), EngineKind::Sync);
+    let p = vol(&s, "p", 128 * MIB).await;
+    let b = 4096u64;
+    let mut pe = Epochs::default();
+    let a = pattern(8 * b as usize, 1);
+    s.apply_write(&p, 0, a.clone(), At::Epoch { epoch: 1, epochs: &pe }).await.unwrap();
+    s.apply_write(&p, 64 * MIB, a.clone(), At::Epoch { epoch: 1, epochs: &pe }).await.unwrap();
+    pe.snapshot(1);
+    let new = NewVolume {
+        name: "c".into(),
+        size: 128 * MIB,
+        parent: Some(Parent { volume: p.id.0, epoch: 1 }),
+        placement: p.id.0,
+        ..Default::default()
+    };
+    let c = s.create_volume(new).await.unwrap();
+    let ce = Epochs::default();
+    let at = At::Epoch { epoch: 1, epochs: &ce };
+    assert_eq!(s.read(&c, 0, 8 * b).await.unwrap(), a, "inherited");
+    // The parent moves on: the clone keeps the snapshot's content.
+    s.apply_write(&p, 0, pattern(b as usize, 9), At::Epoch { epoch: 2, epochs: &pe })
+        .await
+        .unwrap();
+    assert_eq!(s.read(&c, 0, b).await.unwrap(), a.slice(..4096));
+    // The clone writes part of a block, trims another: the parent's snapshot is untouched.
+    s.apply_write(&c, b + 100, Bytes::from_static(b"clone"), at).await.unwrap();
+    s.apply_trim(&c, 2 * b, b, at).await.unwrap();
+    let got = s.read(&c, b, 2 * b).await.unwrap();
+    let mut want = a.slice(4096..8192).to_vec();
+    want[100..105].copy_from_slice(b"clone");
+    assert_eq!(&got[..4096], &want[..]);
+    assert!(got[4096..].iter().all(|&x| x == 0), "a trimmed inherited block reads zeros");
+    assert_eq!(s.read_at(&p, 0, 8 * b, 1).await.unwrap(), a);
+    // Copying up: every inherited block now is the clone's own; without its parent it reads
+    // the same.
+    s.copy_up(&c, &[0, 1], &ce).await.unwrap();
+    s.clear_parent(&c).await.unwrap();
+    let all = s.read(&c, 0, 8 * b).await.unwrap();
+    assert_eq!(&all[..4096], &a[..4096]);
+    assert_eq!(&all[4096..8192], &want[..]);
+    assert!(all[8192..3 * 4096].iter().all(|&x| x == 0));
+    assert_eq!(&all[3 * 4096..], &a[3 * 4096..]);
+    assert_eq!(s.read(&c, 64 * MIB, 8 * b).await.unwrap(), a);
+}

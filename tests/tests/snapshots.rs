@@ -330,3 +330,62 @@ fn a_rollback_survives_kill9_of_a_storage_node_and_of_the_manager() {
         io("vm@s2", &format!("read -P 0x33 {off} 16M"));
     }
 }
+
+#[test]
+fn clones_share_blocks_stay_isolated_both_ways_and_flatten() {
+    let (m, mut c) = deployment();
+    m.must_tern(&["volume", "create", "base", "--size", "256M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let io = |export: &str, cmd: &str| {
+        let uri = format!("nbd://{hv1}/{export}");
+        let mode = if export.contains('@') { "-r" } else { "-n" };
+        let o = tern_tests::run(60, "qemu-io", &[mode, "-f", "raw", "-c", cmd, &uri]);
+        assert!(o.status.success() && !text(&o).contains("fail"), "{export}: {}", text(&o));
+    };
+    // base: 0x5a in chunks 0 and 2 when s1 is taken, then 0x33 over chunk 0.
+    io("base", "write -P 0x5a 0 4M");
+    io("base", "write -P 0x5a 128M 4M");
+    m.must_tern(&["snapshot", "create", "base", "s1"]);
+    io("base", "write -P 0x33 0 4M");
+    // The clone is instant and reads as s1 did.
+    let v = m.json(&["snapshot", "clone", "base", "s1", "c1"]);
+    assert!(v["parent_volume_id"].as_u64().unwrap() > 0, "{v}");
+    io("c1", "read -P 0x5a 0 4M");
+    io("c1", "read -P 0x5a 128M 4M");
+    io("c1", "read -P 0 8M 1M");
+    // Writes to the clone (whole and partial blocks, a trim) leave base and s1 alone...
+    io("c1", "write -P 0x77 0 1M");
+    io("c1", "write -P 0x78 130M 1000");
+    io("c1", "discard 129M 1M");
+    io("base", "read -P 0x33 0 4M");
+    io("base@s1", "read -P 0x5a 0 4M");
+    io("base@s1", "read -P 0x5a 128M 4M");
+    // ...and writes to base leave the clone alone.
+    io("base", "write -P 0x44 128M 4M");
+    io("c1", "read -P 0x5a 1M 3M");
+    io("c1", "read -P 0x5a 128M 1M");
+    io("c1", "read -P 0 129M 1M");
+    io("c1", "read -P 0x78 130M 1000");
+    io("c1", "read -P 0x5a 131M 1M");
+    // While the clone shares s1, neither s1 nor base can go.
+    let busy = m.tern(&["snapshot", "delete", "base", "s1"]);
+    assert_eq!(busy.status.code(), Some(6), "{}", text(&busy));
+    let busy = m.tern(&["volume", "delete", "base"]);
+    assert_eq!(busy.status.code(), Some(6), "{}", text(&busy));
+    // A snapshot of the clone sees through to s1 too.
+    m.must_tern(&["snapshot", "create", "c1", "cs"]);
+    io("c1@cs", "read -P 0x5a 128M 1M");
+    // Flattened, it no longer needs base: s1 and base can go, the clone reads the same.
+    let v = m.json(&["volume", "flatten", "c1"]);
+    assert_eq!(v["parent_volume_id"], 0, "{v}");
+    m.must_tern(&["snapshot", "delete", "base", "s1"]);
+    m.must_tern(&["volume", "detach", "base", "--host", "hv1"]);
+    m.must_tern(&["volume", "delete", "base"]);
+    io("c1", "read -P 0x77 0 1M");
+    io("c1", "read -P 0x5a 1M 3M");
+    io("c1", "read -P 0x5a 128M 1M");
+    io("c1", "read -P 0 129M 1M");
+    io("c1", "read -P 0x78 130M 1000");
+    io("c1@cs", "read -P 0x5a 131M 1M");
+    c.wait_replicas_agree(Duration::from_secs(30));
+}

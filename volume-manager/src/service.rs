@@ -105,6 +105,10 @@ fn volume_to_wire(v: &VolumeRecord, allocated: u64) -> v1::Volume {
         allocated_bytes: allocated,
         tenant: v.tenant.clone(),
         labels: v.labels.clone().into_iter().collect(),
+        parent_volume_id: v.parent.map_or(0, |p| p.0),
+        parent_epoch: v.parent.map_or(0, |p| p.1),
+        // Routing is the storage nodes' business (they fill it in).
+        placement_id: 0,
     }
 }
 
@@ -342,6 +346,7 @@ impl Manager {
             tenant: req.tenant,
             labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
             created_at: made.created_at,
+            parent: None,
         };
         match self.propose(Cmd::CreateVolume(rec)).await? {
             Reply::Volume(v) => Ok(volume_to_wire(&v, made.allocated_bytes)),
@@ -472,10 +477,96 @@ impl Manager {
         Ok(())
     }
 
+    async fn clone_here(&self, req: v1::CloneVolumeRequest) -> Result<v1::Volume, Status> {
+        validate_volume_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let p = self.find_volume(req.volume.as_ref())?;
+        let snap = self.find_snapshot(&p, &req.snapshot)?;
+        if snap.state != SnapshotState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {:?} is {:?}",
+                snap.name, snap.state
+            )));
+        }
+        if self.state.read().volume_by_name(&req.name).is_some() {
+            return Err(Status::already_exists(format!("volume {:?} already exists", req.name)));
+        }
+        let addrs = self.storage_addresses();
+        let wire = v1::CreateVolumeRequest {
+            name: req.name.clone(),
+            size_bytes: snap.size,
+            storage_class: v1::StorageClass::Replicated as i32,
+            read_only: false,
+            tenant: p.tenant.clone(),
+            labels: p.labels.clone().into_iter().collect(),
+            parent_volume_id: p.id,
+            parent_epoch: snap.epoch,
+        };
+        let made = match storage::create_volume(&addrs, wire).await {
+            Ok(v) => v,
+            // Made by an earlier attempt that did not get to record it: adopt it.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                let by_name =
+                    v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Name(req.name.clone())) };
+                let v = storage::get_volume(&addrs, by_name).await?;
+                if (v.parent_volume_id, v.parent_epoch) != (p.id, snap.epoch) {
+                    return Err(s);
+                }
+                v
+            }
+            Err(s) => return Err(s),
+        };
+        let rec = VolumeRecord {
+            id: made.id,
+            name: made.name.clone(),
+            size: made.size_bytes,
+            class: Class::Replicated,
+            read_only: false,
+            tenant: p.tenant.clone(),
+            labels: p.labels.clone(),
+            created_at: made.created_at,
+            parent: Some((p.id, snap.epoch)),
+        };
+        tracing::info!(volume = %rec.name, parent = %p.name, snapshot = %snap.name, "volume cloned");
+        match self.propose(Cmd::CreateVolume(rec)).await? {
+            Reply::Volume(v) => Ok(volume_to_wire(&v, made.allocated_bytes)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn flatten_here(&self, req: v1::FlattenVolumeRequest) -> Result<v1::Volume, Status> {
+        let _admin = self.admin.lock().await;
+        self.linearize().await?;
+        let v = self.find_volume(req.volume.as_ref())?;
+        let Some((_, epoch)) = v.parent else {
+            return Ok(volume_to_wire(&v, self.allocated(v.id).await));
+        };
+        let addrs = self.storage_addresses();
+        storage::snapshot_volume(&addrs, v.id, epoch, storage::SnapOp::Flatten).await?;
+        let clear = v1::UpdateVolumeRequest {
+            volume: Some(v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(v.id)) }),
+            read_only: None,
+            clear_parent: true,
+        };
+        storage::update_volume(&addrs, clear).await?;
+        let Reply::Volume(v) = self.propose(Cmd::ClearParent { id: v.id }).await? else {
+            return Err(Status::internal("unexpected reply to a flatten"));
+        };
+        tracing::info!(volume = %v.name, "volume flattened");
+        Ok(volume_to_wire(&v, self.allocated(v.id).await))
+    }
+
     async fn rollback_here(&self, req: v1::RollbackSnapshotRequest) -> Result<(), Status> {
         let _admin = self.admin.lock().await;
         self.linearize().await?;
         let v = self.find_volume(req.volume.as_ref())?;
+        if v.parent.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "volume {:?} is a clone: flatten it before rolling it back",
+                v.name
+            )));
+        }
         let rec = self.find_snapshot(&v, &req.name)?;
         if rec.state != SnapshotState::Ready {
             return Err(Status::failed_precondition(format!(
@@ -1030,6 +1121,24 @@ impl v1::manager_server::Manager for Service {
         forward!(m, req, ManagerClient, delete_snapshot);
         m.delete_snapshot_here(req.into_inner()).await?;
         Ok(Response::new(v1::DeleteSnapshotResponse {}))
+    }
+
+    async fn clone_volume(
+        &self,
+        req: Request<v1::CloneVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, clone_volume);
+        m.clone_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn flatten_volume(
+        &self,
+        req: Request<v1::FlattenVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let m = &self.0;
+        forward!(m, req, ManagerClient, flatten_volume);
+        m.flatten_here(req.into_inner()).await.map(Response::new)
     }
 
     async fn rollback_snapshot(

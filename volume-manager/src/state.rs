@@ -43,6 +43,8 @@ pub struct VolumeRecord {
     pub tenant: String,
     pub labels: BTreeMap<String, String>,
     pub created_at: u64,
+    /// A clone: the volume and snapshot epoch it was cloned from.
+    pub parent: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +182,10 @@ pub enum Cmd {
     SnapshotDeleted {
         volume_id: u64,
         epoch: u64,
+    },
+    /// A clone no longer needs its parent (flattened).
+    ClearParent {
+        id: u64,
     },
     /// Issues the volume's next fencing generation without attaching it (refused while it is
     /// attached): before a rollback, so no host writes into it meanwhile.
@@ -342,6 +348,13 @@ impl State {
                 Ok(Reply::Volume(v.clone()))
             }
             Cmd::DeleteVolume { id } => {
+                if let Some(c) = self.volumes.values().find(|v| v.parent.is_some_and(|p| p.0 == id))
+                {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "volume {id} has a clone, {:?}: flatten or delete it first",
+                        c.name
+                    )));
+                }
                 if let Some(a) = self.attachments.get(&id) {
                     return Err(Refusal::FailedPrecondition(format!(
                         "volume {id} is attached to host {:?}; detach it first",
@@ -498,6 +511,14 @@ impl State {
                 Ok(Reply::Snapshot(s.clone()))
             }
             Cmd::DeleteSnapshot { volume_id, epoch } => {
+                if let Some(c) =
+                    self.volumes.values().find(|v| v.parent == Some((volume_id, epoch)))
+                {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "the snapshot has a clone, {:?}: flatten or delete it first",
+                        c.name
+                    )));
+                }
                 let s = self.snapshots.get_mut(&(volume_id, epoch)).ok_or_else(|| {
                     Refusal::NotFound(format!("no snapshot at epoch {epoch} of volume {volume_id}"))
                 })?;
@@ -513,6 +534,14 @@ impl State {
             Cmd::SnapshotDeleted { volume_id, epoch } => {
                 self.snapshots.remove(&(volume_id, epoch));
                 Ok(Reply::Done)
+            }
+            Cmd::ClearParent { id } => {
+                let v = self
+                    .volumes
+                    .get_mut(&id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no volume with id {id}")))?;
+                v.parent = None;
+                Ok(Reply::Volume(v.clone()))
             }
             Cmd::NextGeneration { volume_id } => {
                 let v = self
@@ -558,6 +587,7 @@ mod tests {
             tenant: String::new(),
             labels: BTreeMap::new(),
             created_at: 1,
+            parent: None,
         }
     }
 

@@ -129,6 +129,7 @@ pub enum SnapOp {
     Create,
     Delete,
     Rollback,
+    Flatten,
 }
 
 /// Commits the creation, deletion or a rollback to the snapshot at `epoch` in every chunk
@@ -145,6 +146,7 @@ pub async fn snapshot_volume(
             epoch,
             delete: op == SnapOp::Delete,
             rollback: op == SnapOp::Rollback,
+            flatten: op == SnapOp::Flatten,
             group: None,
         };
         ClusterClient::new(ch).snapshot_volume(req).await?;

@@ -74,6 +74,9 @@ enum SnapshotCmd {
     Delete { volume: String, name: String },
     /// Roll a volume back to a snapshot (detach it first). Every snapshot stays.
     Rollback { volume: String, name: String },
+    /// A new volume NEW from a snapshot, instantly (it shares the snapshot's blocks until it
+    /// writes its own; `tern volume flatten NEW` makes it independent).
+    Clone { volume: String, name: String, new: String },
     /// The ranges that changed between two snapshots (the blocks an incremental backup
     /// copies): from `--from` (default: nothing, so every allocated range) to `--to`
     /// (default: the volume as it is now).
@@ -157,6 +160,8 @@ enum VolumeCmd {
     },
     /// List attachments (manager).
     Attachments,
+    /// Copy every block a clone still shares with its parent's snapshot into it (manager).
+    Flatten { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -281,6 +286,8 @@ fn volume_json(v: &v1::Volume) -> serde_json::Value {
         "created_at": v.created_at,
         "tenant": v.tenant,
         "labels": v.labels,
+        "parent_volume_id": v.parent_volume_id,
+        "parent_epoch": v.parent_epoch,
     })
 }
 
@@ -563,6 +570,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     if let Cmd::Snapshot(SnapshotCmd::Create { name: Some(name), .. }) = &cli.cmd {
         validate_volume_name(name).map_err(|e| Fail::usage(format!("bad snapshot name: {e}")))?;
     }
+    if let Cmd::Snapshot(SnapshotCmd::Clone { new, .. }) = &cli.cmd {
+        validate_volume_name(new).map_err(Fail::usage)?;
+    }
     let channel = connect(&cli.endpoint).await?;
     let mut c = VolumeAdminClient::new(channel.clone());
     let mut mgr = ManagerClient::new(channel.clone());
@@ -601,6 +611,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 println!("detached volume {name} from {host}");
             }
         }
+        Cmd::Volume(VolumeCmd::Flatten { name }) => {
+            let req = v1::FlattenVolumeRequest { volume: by_name(&name) };
+            show_volume(json, &mgr.flatten_volume(req).await?.into_inner());
+        }
         Cmd::Volume(VolumeCmd::Attachments) => {
             let atts =
                 mgr.list_attachments(v1::ListAttachmentsRequest {}).await?.into_inner().attachments;
@@ -619,6 +633,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 read_only,
                 tenant,
                 labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                ..Default::default()
             };
             let v = c.create_volume(req).await?.into_inner();
             show_volume(json, &v);
@@ -643,7 +658,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             if read_only.is_none() {
                 return Err(Fail::usage("nothing to set: give --read-only true|false"));
             }
-            let req = v1::UpdateVolumeRequest { volume: by_name(&name), read_only };
+            let req =
+                v1::UpdateVolumeRequest { volume: by_name(&name), read_only, clear_parent: false };
             show_volume(json, &c.update_volume(req).await?.into_inner());
         }
         Cmd::Volume(VolumeCmd::Delete { name }) => {
@@ -768,6 +784,12 @@ async fn snapshot_command(
             } else {
                 println!("deleted snapshot {name} of volume {volume}");
             }
+        }
+        SnapshotCmd::Clone { volume, name, new } => {
+            let req =
+                v1::CloneVolumeRequest { volume: by_name(&volume), snapshot: name, name: new };
+            let v = mgr.clone_volume(req).await?.into_inner();
+            show_volume(json, &v);
         }
         SnapshotCmd::Rollback { volume, name } => {
             let req = v1::RollbackSnapshotRequest { volume: by_name(&volume), name: name.clone() };

@@ -572,7 +572,7 @@ impl Cluster {
             return Err(Error::Unsupported("local volumes on a replicated cluster"));
         }
         v.check_io(offset, len, write)?;
-        self.group_of(v.id.0, offset, len)
+        self.group_of(v.record().placement(), offset, len)
     }
 
     pub fn done(reply: Reply) -> Result<()> {
@@ -775,7 +775,7 @@ impl Cluster {
                 let mut off = 0;
                 while off < rec.size {
                     let len = PIECE.min(rec.size - off);
-                    let group = chunk_group(rec.id, off / CHUNK_SIZE, self.cfg.groups);
+                    let group = chunk_group(rec.placement(), off / CHUNK_SIZE, self.cfg.groups);
                     match self.read_repairing(&v, group, off, len).await {
                         Ok(_) => {}
                         Err(Error::VolumeDeleted(_)) | Err(Error::VolumeNotFound(_)) => break,
@@ -850,6 +850,7 @@ impl Cluster {
             SnapOp::Create => Cmd::Snapshot { volume, epoch },
             SnapOp::Delete => Cmd::DeleteSnapshot { volume, epoch },
             SnapOp::Rollback => Cmd::Rollback { volume, epoch },
+            SnapOp::Flatten => Cmd::Flatten { volume },
         };
         Self::done(self.propose(group, cmd).await?)
     }
@@ -975,15 +976,18 @@ pub enum SnapOp {
     Create,
     Delete,
     Rollback,
+    /// Copies a clone's parent blocks into it (`epoch`: the parent snapshot's).
+    Flatten,
 }
 
 impl SnapOp {
-    pub fn of(delete: bool, rollback: bool) -> Result<Self> {
-        match (delete, rollback) {
-            (false, false) => Ok(Self::Create),
-            (true, false) => Ok(Self::Delete),
-            (false, true) => Ok(Self::Rollback),
-            (true, true) => Err(Error::Unsupported("a snapshot is deleted or rolled back to")),
+    pub fn of(delete: bool, rollback: bool, flatten: bool) -> Result<Self> {
+        match (delete, rollback, flatten) {
+            (false, false, false) => Ok(Self::Create),
+            (true, false, false) => Ok(Self::Delete),
+            (false, true, false) => Ok(Self::Rollback),
+            (false, false, true) => Ok(Self::Flatten),
+            _ => Err(Error::Unsupported("one snapshot operation at a time")),
         }
     }
 }
@@ -1026,6 +1030,7 @@ async fn remote_group_op(addr: &str, group: u32, op: GroupOp) -> Result<GroupAns
                 epoch,
                 delete: op == SnapOp::Delete,
                 rollback: op == SnapOp::Rollback,
+                flatten: op == SnapOp::Flatten,
                 group: Some(group),
             };
             c.snapshot_volume(req).await.map_err(status)?;

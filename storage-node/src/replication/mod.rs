@@ -94,6 +94,11 @@ pub enum Cmd {
         volume: u64,
         epoch: u64,
     },
+    /// Copies into a clone every block of this group's chunks it has no version of, from its
+    /// parent's snapshot (see `ChunkStore::copy_up`).
+    Flatten {
+        volume: u64,
+    },
     // ----- the meta group -----
     /// Creates a volume whose id is this entry's log index (the same on every replica).
     CreateVolume {
@@ -103,6 +108,12 @@ pub enum Cmd {
         tenant: String,
         labels: BTreeMap<String, String>,
         created_at: u64,
+        /// A clone: its chunks are placed like the parent's (see `VolumeRecord::placement`).
+        parent: Option<crate::meta::Parent>,
+    },
+    /// Forgets a clone's parent (every block was copied up by `Flatten`).
+    ClearParent {
+        id: u64,
     },
     ResizeVolume {
         id: u64,
@@ -126,11 +137,15 @@ impl Cmd {
             // A fence must outlive a power loss: the old host might write again.
             Cmd::Fence { .. } => true,
             // So must a snapshot: writes after it must not land in it after a power loss.
-            Cmd::Snapshot { .. } | Cmd::DeleteSnapshot { .. } | Cmd::Rollback { .. } => true,
+            Cmd::Snapshot { .. }
+            | Cmd::DeleteSnapshot { .. }
+            | Cmd::Rollback { .. }
+            | Cmd::Flatten { .. } => true,
             // Volume records are small and rare: always durable.
             Cmd::CreateVolume { .. }
             | Cmd::ResizeVolume { .. }
             | Cmd::SetReadOnly { .. }
+            | Cmd::ClearParent { .. }
             | Cmd::DeleteVolume { .. } => true,
         }
     }

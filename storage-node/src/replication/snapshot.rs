@@ -106,7 +106,8 @@ pub(crate) fn group_chunks(
     groups: u32,
 ) -> impl Iterator<Item = u32> + '_ {
     let n = v.size.div_ceil(CHUNK_SIZE) as u32;
-    (0..n).filter(move |&c| chunk_group(v.id, u64::from(c), groups) == group)
+    let placement = v.placement();
+    (0..n).filter(move |&c| chunk_group(placement, u64::from(c), groups) == group)
 }
 
 /// Streams `group`'s current state as encoded parts (`Vec<Record>` each) into `tx`.

@@ -280,6 +280,7 @@ impl StateMachine {
                 return Ok(Reply::Done);
             }
             Cmd::Rollback { volume, epoch } => return self.rollback(*volume, *epoch).await,
+            Cmd::Flatten { volume } => return self.flatten(*volume).await,
             _ => {}
         }
         let r = match cmd {
@@ -321,12 +322,17 @@ impl StateMachine {
             Cmd::Fence { .. }
             | Cmd::Snapshot { .. }
             | Cmd::DeleteSnapshot { .. }
-            | Cmd::Rollback { .. } => Ok(()),
-            Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at } => {
+            | Cmd::Rollback { .. }
+            | Cmd::Flatten { .. } => Ok(()),
+            Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at, parent } => {
                 return self
-                    .create_volume(index, name, size, read_only, tenant, labels, created_at)
+                    .create_volume(index, name, size, read_only, tenant, labels, created_at, parent)
                     .await
             }
+            Cmd::ClearParent { id } => match self.store.get(id) {
+                Ok(v) => self.store.clear_parent(&v).await,
+                Err(e) => Err(e),
+            },
             Cmd::ResizeVolume { id, size } => match self.store.get(id) {
                 Ok(v) => match validate_volume_size(size) {
                     Ok(()) => self.store.resize_volume(&v, size, false).await,
@@ -374,6 +380,25 @@ impl StateMachine {
         Ok(Reply::Done)
     }
 
+    /// Copies a clone's inherited blocks of this group's chunks into it, on the state machine
+    /// worker.
+    async fn flatten(&mut self, volume: u64) -> Result<Reply, StorageError> {
+        let Some(v) = self.volume(volume).await? else {
+            return Ok(Reply::Refused {
+                code: tonic::Code::NotFound as i32,
+                message: format!("volume {volume} was deleted"),
+            });
+        };
+        if v.parent().is_none() {
+            return Ok(Reply::Done);
+        }
+        let state = self.epochs.lock().get(&volume).cloned().unwrap_or_default();
+        let chunks: Vec<u32> =
+            snapshot::group_chunks(&v.record(), self.group, self.groups).collect();
+        self.store.copy_up(&v, &chunks, &state).await.map_err(sm_err)?;
+        Ok(Reply::Done)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn create_volume(
         &mut self,
@@ -384,11 +409,20 @@ impl StateMachine {
         tenant: String,
         labels: std::collections::BTreeMap<String, String>,
         created_at: u64,
+        parent: Option<crate::meta::Parent>,
     ) -> Result<Reply, StorageError> {
         // Re-applied after a restart: it exists, or it was created and deleted since.
         if self.store.get(index).is_ok() || index < self.meta.next_volume_id().map_err(sm_err)? {
             return Ok(Reply::Volume(index));
         }
+        // A clone's chunks share chunk groups with its parent's.
+        let placement = match parent {
+            None => 0,
+            Some(p) => match self.store.get(p.volume) {
+                Ok(pv) => pv.record().placement(),
+                Err(e) => return refuse_or_fail(e),
+            },
+        };
         let new = NewVolume {
             id: Some(index),
             name,
@@ -398,6 +432,8 @@ impl StateMachine {
             created_at: Some(created_at),
             tenant,
             labels,
+            parent,
+            placement,
         };
         match self.store.create_volume(new).await {
             Ok(_) => {
@@ -540,6 +576,9 @@ impl StateMachine {
                     if have.read_only != rec.read_only {
                         self.store.set_read_only(&v, rec.read_only).await.map_err(sm_err)?;
                     }
+                    if have.parent.is_some() && rec.parent.is_none() {
+                        self.store.clear_parent(&v).await.map_err(sm_err)?;
+                    }
                 }
                 Err(_) => {
                     let new = NewVolume {
@@ -551,6 +590,8 @@ impl StateMachine {
                         created_at: Some(rec.created_at),
                         tenant: rec.tenant,
                         labels: rec.labels,
+                        parent: rec.parent,
+                        placement: rec.placement,
                     };
                     self.store.create_volume(new).await.map_err(sm_err)?;
                     self.volume_created.notify_waiters();
