@@ -389,3 +389,108 @@ fn clones_share_blocks_stay_isolated_both_ways_and_flatten() {
     io("c1@cs", "read -P 0x5a 131M 1M");
     c.wait_replicas_agree(Duration::from_secs(30));
 }
+
+#[test]
+fn fio_verify_holds_while_snapshots_come_and_go() {
+    require_tool("fio");
+    require_tool("nbdcopy");
+    let (m, mut c) = deployment();
+    m.must_tern(&["volume", "create", "vm", "--size", "256M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let fio = Command::new("fio")
+        .args([
+            "--name=snapshots",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://{hv1}/vm"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=256M",
+            "--io_size=32M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--random_generator=tausworthe64",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Snapshots taken and deleted while fio writes: its writes are refused as stale and sent
+    // again at each new epoch, and every one of them reads back verified.
+    let mut taken = 0;
+    while taken < 8 {
+        std::thread::sleep(Duration::from_millis(250));
+        taken += 1;
+        m.must_tern(&["snapshot", "create", "vm", &format!("f{taken}")]);
+        if taken % 2 == 0 {
+            m.must_tern(&["snapshot", "delete", "vm", &format!("f{}", taken - 1)]);
+        }
+    }
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio verify failed across snapshots\n{}\n{}",
+        text(&out),
+        c.logs()
+    );
+    // The snapshots left read whole through their exports.
+    for s in [2, 4, 6, 8] {
+        let o = tern_tests::run(60, "nbdcopy", &[&format!("nbd://{hv1}/vm@f{s}"), "null:"]);
+        assert!(o.status.success(), "f{s}: {}", text(&o));
+    }
+    c.wait_replicas_agree(Duration::from_secs(30));
+}
+
+#[test]
+fn a_clone_interrupted_by_a_manager_kill_is_adopted_when_asked_again() {
+    let (mut m, mut c) = deployment();
+    m.must_tern(&["volume", "create", "base", "--size", "64M"]);
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    let o = tern_tests::run(
+        60,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 0 1M", &format!("nbd://{hv1}/base")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    m.must_tern(&["snapshot", "create", "base", "s1"]);
+    // The storage nodes are frozen while the manager creates the clone there; its leader is
+    // killed; asked again, the new leader finds the clone the storage cluster made (or makes
+    // it) and records it.
+    for i in 0..3 {
+        c.freeze(i);
+    }
+    let mut clone = Command::new(bin("tern"))
+        .args(["--endpoint", &m.endpoints(), "snapshot", "clone", "base", "s1", "c1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let leader = m.leader();
+    m.kill9(leader);
+    for i in 0..3 {
+        c.thaw(i);
+    }
+    let _ = clone.kill();
+    let _ = clone.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = m.tern(&["snapshot", "clone", "base", "s1", "c1"]);
+        let exists = String::from_utf8_lossy(&o.stderr).contains("already exists");
+        if o.status.success() || exists {
+            break;
+        }
+        assert!(Instant::now() < deadline, "clone not made: {}", text(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let v = m.json(&["volume", "get", "c1"]);
+    assert!(v["parent_volume_id"].as_u64().unwrap() > 0, "{v}");
+    let o = tern_tests::run(
+        60,
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x5a 0 1M", &format!("nbd://{hv1}/c1")],
+    );
+    assert!(o.status.success() && !text(&o).contains("fail"), "{}", text(&o));
+    c.wait_replicas_agree(Duration::from_secs(30));
+}
