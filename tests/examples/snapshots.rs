@@ -21,7 +21,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn fio(uri: &str, name: &str, args: &[&str]) -> f64 {
+/// Runs fio; returns (write IOPS, write p99 completion latency in microseconds).
+fn fio_stats(uri: &str, name: &str, args: &[&str]) -> (f64, f64) {
     let o = Command::new("fio")
         .args([
             &format!("--name={name}"),
@@ -37,7 +38,13 @@ fn fio(uri: &str, name: &str, args: &[&str]) -> f64 {
     let out = String::from_utf8_lossy(&o.stdout);
     let json = &out[out.find('{').unwrap_or(0)..];
     let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
-    v["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0)
+    let w = &v["jobs"][0]["write"];
+    let p99 = w["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0;
+    (w["iops"].as_f64().unwrap_or(0.0), p99)
+}
+
+fn fio(uri: &str, name: &str, args: &[&str]) -> f64 {
+    fio_stats(uri, name, args).0
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -123,7 +130,18 @@ fn main() {
         .expect("usage")
         .into_inner();
 
-    // 3. Delete them all; then wait for the space to come back.
+    // 3. Delete them all while fio writes (its p99 against a run just before, with the
+    //    snapshots still there); then wait for the space to come back.
+    let lat_args = ["--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=1G", "--time_based"];
+    let mut a: Vec<&str> = lat_args.to_vec();
+    a.push(&runtime_arg);
+    let quiet = fio_stats(&uri("snap"), "quiet", &a);
+    let busy_uri = uri("snap");
+    let busy_args: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+    let busy = std::thread::spawn(move || {
+        let args: Vec<&str> = busy_args.iter().map(String::as_str).collect();
+        fio_stats(&busy_uri, "busy", &args)
+    });
     let mut delete_ms = Vec::new();
     let t = Instant::now();
     for i in 0..count {
@@ -149,6 +167,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let reclaim_secs = reclaim.elapsed().as_secs_f64();
+    let busy = busy.join().expect("fio during deletions");
     c.must_be_alive();
 
     let mib = |b: u64| b as f64 / 1048576.0;
@@ -179,5 +198,13 @@ fn main() {
     println!(
         "| space reclaimed after the deletions (to the head's {:.0} MiB) | {reclaim_secs:.1} s |",
         mib(head.total_bytes)
+    );
+    println!(
+        "| 4k randwrite QD8 during the deletions vs just before ({runtime} s each): p99 / IOPS | {:.0} vs {:.0} us = {:.2}x / {:.0} vs {:.0} |",
+        busy.1,
+        quiet.1,
+        busy.1 / quiet.1,
+        busy.0,
+        quiet.0
     );
 }
