@@ -412,6 +412,13 @@ impl Chunk {
     /// below it. Returns the data blocks freed.
     pub fn collect(&self, meta: &MetaStore, first: u32, n: u32, epochs: &Epochs) -> Result<usize> {
         let mut st = self.state.lock();
+        // Blocks with one version and no discard have nothing to reclaim: skip the RocksDB
+        // scan when the map says so for the whole range.
+        let end = ((first as usize) + n as usize).min(st.map.len());
+        let range = &st.map[(first as usize).min(end)..end];
+        if !range.iter().any(|h| h.below || h.entry == Entry::Discarded) {
+            return Ok(0);
+        }
         let versions = meta.chunk_versions(self.volume, self.index, first, n)?;
         let mut ops = Vec::new();
         let mut frees = Vec::new();

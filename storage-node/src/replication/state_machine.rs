@@ -40,6 +40,9 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
 
 type Meta = SnapshotMeta<u64, super::Member>;
 
+/// The pause between two reclaim passes of one volume.
+const RECLAIM_GAP: Duration = Duration::from_secs(1);
+
 /// Data entries applied between two saves of the applied id, at most.
 const SAVE_APPLIED_EVERY: u64 = 64;
 
@@ -195,13 +198,17 @@ impl StateMachine {
                         break;
                     }
                 }
-                let mut r = running.lock();
-                if r.get(&volume) == Some(&true) {
+                {
+                    let mut r = running.lock();
+                    if r.get(&volume) != Some(&true) {
+                        r.remove(&volume);
+                        return;
+                    }
                     r.insert(volume, false);
-                    continue;
                 }
-                r.remove(&volume);
-                return;
+                // More deletions came during the pass: one more pass covers them all, after
+                // a pause that lets a burst of deletions gather (and client I/O breathe).
+                tokio::time::sleep(RECLAIM_GAP).await;
             }
             running.lock().remove(&volume);
         });
