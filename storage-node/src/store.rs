@@ -82,6 +82,11 @@ impl Volume {
         self.record.read().clone()
     }
 
+    /// The id the volume's chunks are placed by (see `VolumeRecord::placement`).
+    pub fn placement(&self) -> u64 {
+        self.record.read().placement()
+    }
+
     /// The snapshot a clone reads its unwritten blocks from.
     pub fn parent(&self) -> Option<crate::meta::Parent> {
         self.record.read().parent
@@ -532,12 +537,6 @@ impl ChunkStore {
         Ok(gate)
     }
 
-    /// The head block map of one chunk (for streaming a chunk group to another replica).
-    pub async fn chunk_map(&self, v: &Volume, index: u32) -> Result<Vec<Entry>> {
-        let c = self.chunk(v, index).await?;
-        Ok(c.entries(0, BLOCKS_PER_CHUNK as u32))
-    }
-
     /// The data directory (snapshots in transfer are staged under it).
     pub fn data_dir(&self) -> &Path {
         &self.cfg.data_dir
@@ -847,19 +846,7 @@ impl ChunkStore {
             };
             updates.push((first + i as u32, e));
         }
-        let runs = slot_runs(slots.iter().copied().enumerate());
-        let writes = runs.iter().map(|&(slot, start, count)| {
-            let mut buf = AlignedBuf::zeroed(count * BS as usize);
-            for k in 0..count {
-                buf[k * BS as usize..(k + 1) * BS as usize]
-                    .copy_from_slice(block(data_idx[start + k]));
-            }
-            self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
-        });
-        if let Err(source) = try_join_all(writes).await {
-            c.unalloc(&slots);
-            return Err(Error::DataIo { volume: v.id, source });
-        }
+        self.write_to_slots(v, c, &slots, |i| block(data_idx[i])).await?;
         match c.commit(&self.meta, &updates, None, at) {
             Ok(done) => {
                 self.note_committed(v, c, done.data_delta, done.freed);
@@ -870,6 +857,30 @@ impl ChunkStore {
                 Err(e)
             }
         }
+    }
+
+    /// Writes `block(i)` (4 KiB each) to `slots[i]` of chunk `c` for every `i`, one I/O per
+    /// run of consecutive slots; on failure the slots are given back.
+    async fn write_to_slots<'a>(
+        &self,
+        v: &Volume,
+        c: &Chunk,
+        slots: &[u32],
+        block: impl Fn(usize) -> &'a [u8],
+    ) -> Result<()> {
+        let runs = slot_runs(slots.iter().copied().enumerate());
+        let writes = runs.iter().map(|&(slot, start, count)| {
+            let mut buf = AlignedBuf::zeroed(count * BS as usize);
+            for k in 0..count {
+                buf[k * BS as usize..(k + 1) * BS as usize].copy_from_slice(block(start + k));
+            }
+            self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
+        });
+        if let Err(source) = try_join_all(writes).await {
+            c.unalloc(slots);
+            return Err(Error::DataIo { volume: v.id, source });
+        }
+        Ok(())
     }
 
     /// Read-modify-write of part of one block: `bytes` land at `within`. Optimistic: the

@@ -118,16 +118,8 @@ impl ChunkStore {
                 return Err(Error::Internal("snapshot record of the wrong length".into()));
             }
             slots = c.alloc(n as usize);
-            let runs = slot_runs(slots.iter().copied().enumerate());
-            let writes = runs.iter().map(|&(slot, start, count)| {
-                let from = start * BS as usize;
-                let buf = AlignedBuf::from_slice(&data[from..from + count * BS as usize]);
-                self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
-            });
-            if let Err(source) = try_join_all(writes).await {
-                c.unalloc(&slots);
-                return Err(Error::DataIo { volume: v.id, source });
-            }
+            self.write_to_slots(v, &c, &slots, |i| &data[i * BS as usize..(i + 1) * BS as usize])
+                .await?;
         }
         for i in 0..n {
             let e = match &data {
@@ -234,15 +226,8 @@ impl ChunkStore {
                         return Err(e);
                     }
                 };
-                let writes = slots.iter().enumerate().map(|(i, &slot)| {
-                    let buf =
-                        AlignedBuf::from_slice(&bytes[i * BS as usize..(i + 1) * BS as usize]);
-                    self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
-                });
-                if let Err(source) = try_join_all(writes).await {
-                    c.unalloc(&slots);
-                    return Err(Error::DataIo { volume: v.id, source });
-                }
+                let block = |i: usize| &bytes[i * BS as usize..(i + 1) * BS as usize];
+                self.write_to_slots(v, &c, &slots, block).await?;
             }
             let mut si = 0;
             for (b, e) in copies {
@@ -311,19 +296,7 @@ impl ChunkStore {
                     continue;
                 }
                 let slots = c.alloc(keep.len());
-                let runs = slot_runs(slots.iter().copied().enumerate());
-                let writes = runs.iter().map(|&(slot, k, count)| {
-                    let mut buf = AlignedBuf::zeroed(count * BS as usize);
-                    for j in 0..count {
-                        buf[j * BS as usize..(j + 1) * BS as usize]
-                            .copy_from_slice(block(keep[k + j]));
-                    }
-                    self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
-                });
-                if let Err(source) = try_join_all(writes).await {
-                    c.unalloc(&slots);
-                    return Err(Error::DataIo { volume: v.id, source });
-                }
+                self.write_to_slots(v, &c, &slots, |i| block(keep[i])).await?;
                 let copies: Vec<Version> = keep
                     .iter()
                     .zip(&slots)

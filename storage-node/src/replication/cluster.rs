@@ -572,7 +572,7 @@ impl Cluster {
             return Err(Error::Unsupported("local volumes on a replicated cluster"));
         }
         v.check_io(offset, len, write)?;
-        self.group_of(v.record().placement(), offset, len)
+        self.group_of(v.placement(), offset, len)
     }
 
     pub fn done(reply: Reply) -> Result<()> {

@@ -263,12 +263,18 @@ impl StateMachine {
     }
 
     async fn apply_cmd(&mut self, index: u64, cmd: Cmd) -> Result<Reply, StorageError> {
+        // A data command's epoch, and the state deciding what it keeps (or its refusal).
+        let mut written: Option<(u64, Arc<Epochs>)> = None;
         match &cmd {
-            Cmd::Write { volume, generation, .. }
-            | Cmd::WriteZeroes { volume, generation, .. }
-            | Cmd::Trim { volume, generation, .. } => {
+            Cmd::Write { volume, generation, epoch: asked, .. }
+            | Cmd::WriteZeroes { volume, generation, epoch: asked, .. }
+            | Cmd::Trim { volume, generation, epoch: asked, .. } => {
                 if let Some(refusal) = self.fenced(*volume, *generation) {
                     return Ok(refusal);
+                }
+                match self.write_at(*volume, *asked)? {
+                    Ok(at) => written = Some(at),
+                    Err(refusal) => return Ok(refusal),
                 }
             }
             Cmd::Fence { volume, generation } => {
@@ -290,40 +296,25 @@ impl StateMachine {
             Cmd::Flatten { volume } => return self.flatten(*volume).await,
             _ => {}
         }
+        let at = match &written {
+            Some((epoch, state)) => At::Epoch { epoch: *epoch, epochs: state },
+            None => crate::store::head_at(), // not a data command: unused
+        };
         let r = match cmd {
-            Cmd::Write { volume, offset, data, epoch, .. } => {
-                let (epoch, state) = match self.write_at(volume, epoch)? {
-                    Ok(at) => at,
-                    Err(refusal) => return Ok(refusal),
-                };
-                let at = At::Epoch { epoch, epochs: &state };
-                match self.volume(volume).await? {
-                    Some(v) => self.store.apply_write(&v, offset, data, at).await,
-                    None => Ok(()),
-                }
-            }
-            Cmd::WriteZeroes { volume, offset, len, punch, epoch, .. } => {
-                let (epoch, state) = match self.write_at(volume, epoch)? {
-                    Ok(at) => at,
-                    Err(refusal) => return Ok(refusal),
-                };
-                let at = At::Epoch { epoch, epochs: &state };
+            Cmd::Write { volume, offset, data, .. } => match self.volume(volume).await? {
+                Some(v) => self.store.apply_write(&v, offset, data, at).await,
+                None => Ok(()),
+            },
+            Cmd::WriteZeroes { volume, offset, len, punch, .. } => {
                 match self.volume(volume).await? {
                     Some(v) => self.store.apply_write_zeroes(&v, offset, len, punch, at).await,
                     None => Ok(()),
                 }
             }
-            Cmd::Trim { volume, offset, len, epoch, .. } => {
-                let (epoch, state) = match self.write_at(volume, epoch)? {
-                    Ok(at) => at,
-                    Err(refusal) => return Ok(refusal),
-                };
-                let at = At::Epoch { epoch, epochs: &state };
-                match self.volume(volume).await? {
-                    Some(v) => self.store.apply_trim(&v, offset, len, at).await,
-                    None => Ok(()),
-                }
-            }
+            Cmd::Trim { volume, offset, len, .. } => match self.volume(volume).await? {
+                Some(v) => self.store.apply_trim(&v, offset, len, at).await,
+                None => Ok(()),
+            },
             // Its durability was the log's business (see `log_store`).
             Cmd::Flush => Ok(()),
             Cmd::Fence { .. }
