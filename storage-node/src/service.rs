@@ -695,17 +695,19 @@ impl cluster_server::Cluster for Service {
     ) -> Result<Response<v1::SnapshotVolumeReply>, Status> {
         let c = self.cluster_or_refuse()?;
         let r = req.into_inner();
-        if r.epoch == 0 {
+        if r.epoch == 0 || r.more_epochs.contains(&0) {
             return Err(Status::invalid_argument("snapshot epochs start at 1"));
         }
         let op = crate::replication::cluster::SnapOp::of(r.delete, r.rollback, r.flatten)?;
+        let mut epochs = r.more_epochs;
+        epochs.insert(0, r.epoch);
         match r.group {
-            Some(g) => c.snapshot_group(g, r.volume_id, r.epoch, op).await?,
+            Some(g) => c.snapshot_group(g, r.volume_id, &epochs, op).await?,
             None => {
                 // As for fences: a volume not learned here yet is UNAVAILABLE.
                 let h = v1::IoHeader { volume_id: r.volume_id, epoch: 0, generation: 0 };
                 self.data_volume(Some(h))?;
-                c.snapshot_volume(r.volume_id, r.epoch, op).await?
+                c.snapshot_volume(r.volume_id, &epochs, op).await?
             }
         }
         Ok(Response::new(v1::SnapshotVolumeReply {}))

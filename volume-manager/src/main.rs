@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         let m = tern_volume_manager::start(args.node_id, &args.peers, &args.data_dir, args.groups).await?;
         tokio::spawn(monitor::watch_nodes(m.clone(), Duration::from_secs(args.node_down_after)));
         tokio::spawn(monitor::finish_snapshots(m.clone()));
+        tokio::spawn(monitor::delete_snapshots(m.clone()));
         tokio::spawn(monitor::keep_cluster_whole(
             m.clone(),
             Duration::from_secs(args.replace_down_after),

@@ -47,7 +47,7 @@ pub async fn watch_nodes(m: Arc<Manager>, down_after: Duration) {
     }
 }
 
-/// The leader finishes snapshot creations and deletions that a failure interrupted (a
+/// The leader finishes snapshot creations that a failure interrupted (a
 /// manager killed half-way, a storage node that did not answer), every few seconds.
 pub async fn finish_snapshots(m: Arc<Manager>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -57,6 +57,22 @@ pub async fn finish_snapshots(m: Arc<Manager>) {
         if m.raft.metrics().borrow().current_leader == Some(m.id) {
             m.finish_interrupted_snapshots().await;
         }
+    }
+}
+
+/// The leader tells the chunk groups of recorded snapshot deletions in batches: woken by
+/// each recorded deletion (and every few seconds, for ones recorded under an earlier leader),
+/// then resting `DELETE_GAP`, so the deletions that queue up meanwhile go together. Deleting
+/// a thousand snapshots back to back then costs each chunk group a few dozen log entries, not
+/// a thousand durable ones that client writes queue behind.
+pub async fn delete_snapshots(m: Arc<Manager>) {
+    const DELETE_GAP: Duration = Duration::from_millis(500);
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(2), m.deletions.notified()).await;
+        if m.raft.metrics().borrow().current_leader == Some(m.id) {
+            m.finish_deletions().await;
+        }
+        tokio::time::sleep(DELETE_GAP).await;
     }
 }
 

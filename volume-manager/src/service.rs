@@ -53,6 +53,8 @@ pub struct Manager {
     /// Serializes volume administration on the leader (each step calls the storage cluster,
     /// then proposes; two creates of one name must not interleave).
     admin: tokio::sync::Mutex<()>,
+    /// Woken when a snapshot deletion is recorded (see `monitor::delete_snapshots`).
+    pub deletions: tokio::sync::Notify,
 }
 
 pub fn now_secs() -> u64 {
@@ -157,6 +159,7 @@ impl Manager {
             network,
             fenced: Mutex::default(),
             admin: tokio::sync::Mutex::new(()),
+            deletions: tokio::sync::Notify::new(),
         })
     }
 
@@ -463,17 +466,31 @@ impl Manager {
         Ok(snapshot_to_wire(&rec, &st, 0))
     }
 
+    /// Records the deletion (durably, in the manager's log: from then on the snapshot is
+    /// neither read, exported nor cloned, and whichever replica leads finishes it); the chunk
+    /// groups are told in batches by `finish_deletions`.
     async fn delete_snapshot_here(&self, req: v1::DeleteSnapshotRequest) -> Result<(), Status> {
-        let _admin = self.admin.lock().await;
-        self.linearize().await?;
-        let v = self.find_volume(req.volume.as_ref())?;
-        let rec = self.find_snapshot(&v, &req.name)?;
-        let cmd = Cmd::DeleteSnapshot { volume_id: v.id, epoch: rec.epoch };
-        let Reply::Snapshot(rec) = self.propose(cmd).await? else {
-            return Err(Status::internal("unexpected reply to a snapshot deletion"));
+        let (volume_id, epoch) = {
+            let _admin = self.admin.lock().await;
+            self.linearize().await?;
+            let v = self.find_volume(req.volume.as_ref())?;
+            let rec = self.find_snapshot(&v, &req.name)?;
+            if rec.state != SnapshotState::Deleting {
+                let cmd = Cmd::DeleteSnapshot { volume_id: v.id, epoch: rec.epoch };
+                let Reply::Snapshot(_) = self.propose(cmd).await? else {
+                    return Err(Status::internal("unexpected reply to a snapshot deletion"));
+                };
+                tracing::info!(volume = %v.name, snapshot = %req.name, "snapshot deletion recorded");
+            }
+            (v.id, rec.epoch)
         };
-        self.finish_snapshot(rec).await?;
-        tracing::info!(volume = %v.name, snapshot = %req.name, "snapshot deleted");
+        self.deletions.notify_one();
+        if req.wait {
+            // Epochs are never reused: the record's going is the deletion's end.
+            while self.state.read().snapshots.contains_key(&(volume_id, epoch)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         Ok(())
     }
 
@@ -543,7 +560,7 @@ impl Manager {
             return Ok(volume_to_wire(&v, self.allocated(v.id).await));
         };
         let addrs = self.storage_addresses();
-        storage::snapshot_volume(&addrs, v.id, epoch, storage::SnapOp::Flatten).await?;
+        storage::snapshot_volume(&addrs, v.id, &[epoch], storage::SnapOp::Flatten).await?;
         let clear = v1::UpdateVolumeRequest {
             volume: Some(v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(v.id)) }),
             read_only: None,
@@ -583,7 +600,7 @@ impl Manager {
         };
         storage::fence_volume(&self.storage_addresses(), v.id, generation).await?;
         let op = storage::SnapOp::Rollback;
-        storage::snapshot_volume(&self.storage_addresses(), v.id, rec.epoch, op).await?;
+        storage::snapshot_volume(&self.storage_addresses(), v.id, &[rec.epoch], op).await?;
         tracing::info!(volume = %v.name, snapshot = %rec.name, generation, "volume rolled back");
         Ok(())
     }
@@ -597,36 +614,23 @@ impl Manager {
         })
     }
 
-    /// Brings a snapshot being created or deleted to its end: commits that in every chunk
-    /// group (idempotent, so also after an interruption), then records it.
+    /// Brings a snapshot being created to its end: commits it in every chunk group
+    /// (idempotent, so also after an interruption), then records it as ready.
     pub async fn finish_snapshot(&self, rec: SnapshotRecord) -> Result<SnapshotRecord, Status> {
         let (id, epoch) = (rec.volume_id, rec.epoch);
-        match rec.state {
-            SnapshotState::Ready => Ok(rec),
-            SnapshotState::Creating => {
-                let op = storage::SnapOp::Create;
-                storage::snapshot_volume(&self.storage_addresses(), id, epoch, op).await?;
-                match self.propose(Cmd::SnapshotCreated { volume_id: id, epoch }).await? {
-                    Reply::Snapshot(r) => Ok(r),
-                    other => Err(Status::internal(format!("unexpected reply {other:?}"))),
-                }
-            }
-            SnapshotState::Deleting => {
-                let op = storage::SnapOp::Delete;
-                match storage::snapshot_volume(&self.storage_addresses(), id, epoch, op).await {
-                    Ok(()) => {}
-                    // The volume is gone, and every version with it.
-                    Err(s) if s.code() == tonic::Code::NotFound => {}
-                    Err(s) => return Err(s),
-                }
-                self.propose(Cmd::SnapshotDeleted { volume_id: id, epoch }).await?;
-                Ok(rec)
-            }
+        if rec.state != SnapshotState::Creating {
+            return Ok(rec);
+        }
+        let op = storage::SnapOp::Create;
+        storage::snapshot_volume(&self.storage_addresses(), id, &[epoch], op).await?;
+        match self.propose(Cmd::SnapshotCreated { volume_id: id, epoch }).await? {
+            Reply::Snapshot(r) => Ok(r),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
-    /// Finishes snapshot creations and deletions a failure interrupted (leader only; skipped
-    /// while a volume administration call runs, which may be finishing one itself).
+    /// Finishes snapshot creations a failure interrupted (leader only; skipped while a volume
+    /// administration call runs, which may be finishing one itself).
     pub async fn finish_interrupted_snapshots(&self) {
         let Ok(_admin) = self.admin.try_lock() else { return };
         let open: Vec<SnapshotRecord> = self
@@ -634,14 +638,49 @@ impl Manager {
             .read()
             .snapshots
             .values()
-            .filter(|s| s.state != SnapshotState::Ready)
+            .filter(|s| s.state == SnapshotState::Creating)
             .cloned()
             .collect();
         for rec in open {
-            let what = format!("{:?} of volume {} ({:?})", rec.name, rec.volume_id, rec.state);
+            let what = format!("{:?} of volume {}", rec.name, rec.volume_id);
             match self.finish_snapshot(rec).await {
-                Ok(_) => tracing::info!("finished the interrupted snapshot {what}"),
+                Ok(_) => tracing::info!("finished creating the snapshot {what}"),
                 Err(s) => tracing::warn!("finishing the snapshot {what}: {}", s.message()),
+            }
+        }
+    }
+
+    /// Tells the chunk groups of every snapshot deletion recorded so far (leader only): per
+    /// volume one batch, which each group commits as one log entry, then drops the records.
+    /// Idempotent: a batch cut short by a failure is simply sent again.
+    pub async fn finish_deletions(&self) {
+        /// Bounds one entry's size.
+        const MAX_BATCH: usize = 1024;
+        let mut pending: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for s in self.state.read().snapshots.values() {
+            if s.state == SnapshotState::Deleting {
+                let batch = pending.entry(s.volume_id).or_default();
+                if batch.len() < MAX_BATCH {
+                    batch.push(s.epoch);
+                }
+            }
+        }
+        for (volume_id, epochs) in pending {
+            let op = storage::SnapOp::Delete;
+            match storage::snapshot_volume(&self.storage_addresses(), volume_id, &epochs, op).await
+            {
+                Ok(()) => {}
+                // The volume is gone, and every version with it.
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => {
+                    tracing::warn!(volume_id, "deleting snapshots {epochs:?}: {}", s.message());
+                    continue;
+                }
+            }
+            let n = epochs.len();
+            match self.propose(Cmd::SnapshotsDeleted { volume_id, epochs }).await {
+                Ok(_) => tracing::info!(volume_id, "{n} snapshot deletion(s) finished"),
+                Err(s) => tracing::warn!(volume_id, "recording deletions: {}", s.message()),
             }
         }
     }

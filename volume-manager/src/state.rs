@@ -178,10 +178,10 @@ pub enum Cmd {
         volume_id: u64,
         epoch: u64,
     },
-    /// Every chunk group committed the deletion: the record goes.
-    SnapshotDeleted {
+    /// Every chunk group committed the deletion of these snapshots: their records go.
+    SnapshotsDeleted {
         volume_id: u64,
-        epoch: u64,
+        epochs: Vec<u64>,
     },
     /// A clone no longer needs its parent (flattened).
     ClearParent {
@@ -246,8 +246,15 @@ impl State {
         self.snapshots.range((volume_id, 0)..=(volume_id, u64::MAX)).map(|(_, s)| s)
     }
 
+    /// The snapshot of that name; one being deleted only if no other has the name (a name is
+    /// free again once its snapshot's deletion is recorded).
     pub fn snapshot_by_name(&self, volume_id: u64, name: &str) -> Option<&SnapshotRecord> {
-        self.snapshots_of(volume_id).find(|s| s.name == name)
+        let mut named = self.snapshots_of(volume_id).filter(|s| s.name == name);
+        let first = named.next()?;
+        if first.state != SnapshotState::Deleting {
+            return Some(first);
+        }
+        Some(named.find(|s| s.state != SnapshotState::Deleting).unwrap_or(first))
     }
 
     pub fn apply(&mut self, cmd: Cmd) -> Reply {
@@ -472,20 +479,24 @@ impl State {
                         v.name
                     )));
                 }
-                if self.snapshot_by_name(volume_id, &name).is_some() {
+                if self
+                    .snapshot_by_name(volume_id, &name)
+                    .is_some_and(|s| s.state != SnapshotState::Deleting)
+                {
                     return Err(Refusal::AlreadyExists(format!(
                         "volume {:?} has a snapshot named {name:?} already",
                         v.name
                     )));
                 }
+                // One creation at a time (each takes the next epoch in every group). Deletions
+                // in progress do not matter: a group drops a snapshot independently of newer
+                // ones, in whichever order the two entries reach it.
                 if let Some(s) =
-                    self.snapshots_of(volume_id).find(|s| s.state != SnapshotState::Ready)
+                    self.snapshots_of(volume_id).find(|s| s.state == SnapshotState::Creating)
                 {
                     return Err(Refusal::FailedPrecondition(format!(
-                        "snapshot {:?} of volume {:?} is still being {}; try again shortly",
-                        s.name,
-                        v.name,
-                        if s.state == SnapshotState::Creating { "created" } else { "deleted" }
+                        "snapshot {:?} of volume {:?} is still being created; try again shortly",
+                        s.name, v.name,
                     )));
                 }
                 let epoch = self.head_epoch(volume_id);
@@ -531,8 +542,10 @@ impl State {
                 s.state = SnapshotState::Deleting;
                 Ok(Reply::Snapshot(s.clone()))
             }
-            Cmd::SnapshotDeleted { volume_id, epoch } => {
-                self.snapshots.remove(&(volume_id, epoch));
+            Cmd::SnapshotsDeleted { volume_id, epochs } => {
+                for epoch in epochs {
+                    self.snapshots.remove(&(volume_id, epoch));
+                }
                 Ok(Reply::Done)
             }
             Cmd::ClearParent { id } => {
@@ -743,11 +756,21 @@ mod tests {
             s.apply(Cmd::DeleteSnapshot { volume_id: 1, epoch: 1 }),
             Reply::Snapshot(r) if r.state == SnapshotState::Deleting
         ));
-        s.apply(Cmd::SnapshotDeleted { volume_id: 1, epoch: 1 });
-        assert_eq!(s.snapshots_of(1).map(|r| r.name.as_str()).collect::<Vec<_>>(), vec!["b"]);
-        // Epochs are never reused, even after deletions.
+        // While "a" is being deleted its name is free, and snapshots can still be taken.
         let Reply::Snapshot(c) = s.apply(snap("a")) else { panic!() };
         assert_eq!(c.epoch, 3);
+        assert_eq!(s.snapshot_by_name(1, "a").map(|r| r.epoch), Some(3));
+        s.apply(Cmd::SnapshotCreated { volume_id: 1, epoch: 3 });
+        assert!(matches!(
+            s.apply(Cmd::DeleteSnapshot { volume_id: 1, epoch: 2 }),
+            Reply::Snapshot(r) if r.state == SnapshotState::Deleting
+        ));
+        s.apply(Cmd::SnapshotsDeleted { volume_id: 1, epochs: vec![1, 2] });
+        let names = |s: &State| s.snapshots_of(1).map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&s), vec!["a"]);
+        // Epochs are never reused, even after deletions.
+        let Reply::Snapshot(d) = s.apply(snap("d")) else { panic!() };
+        assert_eq!(d.epoch, 4);
         // Local volumes have none; a deleted volume's go with it.
         let mut local = vol(2, "l");
         local.class = Class::Local;

@@ -132,18 +132,23 @@ pub enum SnapOp {
     Flatten,
 }
 
-/// Commits the creation, deletion or a rollback to the snapshot at `epoch` in every chunk
-/// group (see `Cluster.SnapshotVolume`).
+/// Commits the creation of, a rollback to or the deletion of the snapshot at `epochs[0]` in
+/// every chunk group; a deletion may name several snapshots, dropped in one entry per group
+/// (see `Cluster.SnapshotVolume`).
 pub async fn snapshot_volume(
     addresses: &[String],
     id: u64,
-    epoch: u64,
+    epochs: &[u64],
     op: SnapOp,
 ) -> Result<(), Status> {
+    let Some((&epoch, more)) = epochs.split_first() else {
+        return Err(Status::internal("a snapshot operation without an epoch"));
+    };
     first_answer(addresses, |ch| async move {
         let req = v1::SnapshotVolumeRequest {
             volume_id: id,
             epoch,
+            more_epochs: more.to_vec(),
             delete: op == SnapOp::Delete,
             rollback: op == SnapOp::Rollback,
             flatten: op == SnapOp::Flatten,

@@ -70,8 +70,16 @@ enum SnapshotCmd {
     },
     /// Show one snapshot.
     Get { volume: String, name: String },
-    /// Delete a snapshot; the space only it held is reclaimed in the background.
-    Delete { volume: String, name: String },
+    /// Delete a snapshot: it is gone for readers at once; the chunk groups drop it in the
+    /// background (the list shows it `deleting` until then), then reclaim the space only it
+    /// held.
+    Delete {
+        volume: String,
+        name: String,
+        /// Return only once every chunk group has dropped it.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Roll a volume back to a snapshot (detach it first). Every snapshot stays.
     Rollback { volume: String, name: String },
     /// A new volume NEW from a snapshot, instantly (it shares the snapshot's blocks until it
@@ -776,8 +784,9 @@ async fn snapshot_command(
                 }
             }
         }
-        SnapshotCmd::Delete { volume, name } => {
-            let req = v1::DeleteSnapshotRequest { volume: by_name(&volume), name: name.clone() };
+        SnapshotCmd::Delete { volume, name, wait } => {
+            let req =
+                v1::DeleteSnapshotRequest { volume: by_name(&volume), name: name.clone(), wait };
             mgr.delete_snapshot(req).await?;
             if json {
                 println!("{}", serde_json::json!({ "deleted": name, "volume": volume }));

@@ -353,7 +353,7 @@ impl Cluster {
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let op = GroupOp::Fence { volume, generation };
         let results =
-            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await;
+            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
         for (g, r) in groups.iter().zip(results) {
             r.map_err(|e| match e {
                 Error::Refused { .. } => e,
@@ -812,43 +812,42 @@ impl Cluster {
 
     // ----- snapshots ---------------------------------------------------------------------
 
-    /// Creates, deletes or rolls the volume back to the snapshot at `epoch` of `volume` in
-    /// every data group, each through its leader; returns once every group committed it.
-    pub async fn snapshot_volume(&self, volume: u64, epoch: u64, op: SnapOp) -> Result<()> {
-        if epoch == 0 {
-            return Err(Error::Unsupported("epoch 0 is never a snapshot"));
-        }
-        let op = GroupOp::Snapshot { volume, epoch, op };
+    /// Creates, deletes or rolls the volume back to the snapshot at `epochs[0]` of `volume`
+    /// in every data group, each through its leader; returns once every group committed it.
+    /// A deletion may name several snapshots: each group drops them all in one entry.
+    pub async fn snapshot_volume(&self, volume: u64, epochs: &[u64], op: SnapOp) -> Result<()> {
+        check_snapshot_epochs(epochs, op)?;
+        let op = GroupOp::Snapshot { volume, epochs: epochs.into(), op };
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let results =
-            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await;
+            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
         for (g, r) in groups.iter().zip(results) {
             r.map_err(|e| match e {
                 Error::Refused { .. } => e,
                 e => Error::Unavailable(format!("snapshot of volume {volume} in group {g}: {e}")),
             })?;
         }
-        tracing::info!(volume, epoch, ?op, "snapshot operation committed in every group");
+        tracing::info!(volume, ?epochs, ?op, "snapshot operation committed in every group");
         Ok(())
     }
 
-    /// On `group`'s leader: commits a snapshot's creation or deletion in the group's log.
+    /// On `group`'s leader: commits a snapshot's creation or deletion (of all of `epochs`),
+    /// or a rollback to one, in the group's log.
     pub async fn snapshot_group(
         &self,
         group: u32,
         volume: u64,
-        epoch: u64,
+        epochs: &[u64],
         op: SnapOp,
     ) -> Result<()> {
         if group == META_GROUP || group > self.cfg.groups {
             return Err(Error::NoSuchGroup(group));
         }
-        if epoch == 0 {
-            return Err(Error::Unsupported("epoch 0 is never a snapshot"));
-        }
+        check_snapshot_epochs(epochs, op)?;
+        let epoch = epochs[0];
         let cmd = match op {
             SnapOp::Create => Cmd::Snapshot { volume, epoch },
-            SnapOp::Delete => Cmd::DeleteSnapshot { volume, epoch },
+            SnapOp::Delete => Cmd::DeleteSnapshot { volume, epochs: epochs.to_vec() },
             SnapOp::Rollback => Cmd::Rollback { volume, epoch },
             SnapOp::Flatten => Cmd::Flatten { volume },
         };
@@ -866,7 +865,7 @@ impl Cluster {
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let op = GroupOp::Changes { volume, from, to };
         let mut out = Vec::new();
-        for r in futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await {
+        for r in futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await {
             if let GroupAnswer::Changes(c) = r? {
                 out.extend(c);
             }
@@ -903,7 +902,7 @@ impl Cluster {
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let op = GroupOp::Usage { volume };
         let mut out = crate::store::Usage::default();
-        for r in futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await {
+        for r in futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await {
             if let GroupAnswer::Usage(u) = r? {
                 out.add(&u);
             }
@@ -927,7 +926,7 @@ impl Cluster {
 
     /// Runs `op` on `group`'s leader (this node, or the one it names), retrying through an
     /// election for a few seconds.
-    async fn on_leader(&self, group: u32, op: GroupOp) -> Result<GroupAnswer> {
+    async fn on_leader(&self, group: u32, op: &GroupOp) -> Result<GroupAnswer> {
         let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -952,13 +951,13 @@ impl Cluster {
         }
     }
 
-    async fn run_group_op(&self, group: u32, op: GroupOp) -> Result<GroupAnswer> {
-        match op {
+    async fn run_group_op(&self, group: u32, op: &GroupOp) -> Result<GroupAnswer> {
+        match *op {
             GroupOp::Fence { volume, generation } => {
                 self.fence_group(group, volume, generation).await.map(|()| GroupAnswer::Done)
             }
-            GroupOp::Snapshot { volume, epoch, op } => {
-                self.snapshot_group(group, volume, epoch, op).await.map(|()| GroupAnswer::Done)
+            GroupOp::Snapshot { volume, ref epochs, op } => {
+                self.snapshot_group(group, volume, epochs, op).await.map(|()| GroupAnswer::Done)
             }
             GroupOp::Changes { volume, from, to } => {
                 self.group_changes(group, volume, from, to).await.map(GroupAnswer::Changes)
@@ -992,11 +991,24 @@ impl SnapOp {
     }
 }
 
+/// The epochs of a snapshot operation: at least one, none of them 0; only a deletion names
+/// more than one.
+fn check_snapshot_epochs(epochs: &[u64], op: SnapOp) -> Result<()> {
+    match epochs {
+        [] => Err(Error::Unsupported("a snapshot operation needs an epoch")),
+        _ if epochs.contains(&0) => Err(Error::Unsupported("epoch 0 is never a snapshot")),
+        [_, _, ..] if op != SnapOp::Delete => {
+            Err(Error::Unsupported("only a deletion takes several snapshots at once"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A step of a volume-wide operation that one chunk group's leader runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum GroupOp {
     Fence { volume: u64, generation: u64 },
-    Snapshot { volume: u64, epoch: u64, op: SnapOp },
+    Snapshot { volume: u64, epochs: std::sync::Arc<[u64]>, op: SnapOp },
     Changes { volume: u64, from: u64, to: u64 },
     Usage { volume: u64 },
 }
@@ -1008,7 +1020,7 @@ enum GroupAnswer {
 }
 
 /// Sends `op` to the node at `addr`, the group's leader as known here.
-async fn remote_group_op(addr: &str, group: u32, op: GroupOp) -> Result<GroupAnswer> {
+async fn remote_group_op(addr: &str, group: u32, op: &GroupOp) -> Result<GroupAnswer> {
     use tern_proto::v1;
     let mut c = v1::cluster_client::ClusterClient::connect(format!("http://{addr}"))
         .await
@@ -1018,16 +1030,17 @@ async fn remote_group_op(addr: &str, group: u32, op: GroupOp) -> Result<GroupAns
         tonic::Code::Unavailable => Error::Unavailable(s.message().to_string()),
         code => Error::Refused { code: code as i32, message: s.message().to_string() },
     };
-    match op {
+    match *op {
         GroupOp::Fence { volume, generation } => {
             let req = v1::FenceGroupRequest { group, volume_id: volume, generation };
             c.fence_group(req).await.map_err(status)?;
             Ok(GroupAnswer::Done)
         }
-        GroupOp::Snapshot { volume, epoch, op } => {
+        GroupOp::Snapshot { volume, ref epochs, op } => {
             let req = v1::SnapshotVolumeRequest {
                 volume_id: volume,
-                epoch,
+                epoch: epochs[0],
+                more_epochs: epochs[1..].to_vec(),
                 delete: op == SnapOp::Delete,
                 rollback: op == SnapOp::Rollback,
                 flatten: op == SnapOp::Flatten,

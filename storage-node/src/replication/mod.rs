@@ -82,11 +82,11 @@ pub enum Cmd {
         volume: u64,
         epoch: u64,
     },
-    /// Deletes the snapshot at `epoch` in this group; the versions only it saw are reclaimed
-    /// in the background.
+    /// Deletes the snapshots at `epochs` in this group; the versions only they saw are
+    /// reclaimed in the background.
     DeleteSnapshot {
         volume: u64,
-        epoch: u64,
+        epochs: Vec<u64>,
     },
     /// Rolls the volume's chunks in this group back to the snapshot at `epoch` (see
     /// `ChunkStore::rollback`).

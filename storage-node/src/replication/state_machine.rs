@@ -286,9 +286,8 @@ impl StateMachine {
                 self.change_epochs(*volume, |e| e.snapshot(epoch))?;
                 return Ok(Reply::Done);
             }
-            Cmd::DeleteSnapshot { volume, epoch } => {
-                let epoch = *epoch;
-                self.change_epochs(*volume, |e| e.delete(epoch))?;
+            Cmd::DeleteSnapshot { volume, epochs } => {
+                self.change_epochs(*volume, |e| epochs.iter().for_each(|&epoch| e.delete(epoch)))?;
                 self.spawn_collect(*volume);
                 return Ok(Reply::Done);
             }
