@@ -171,6 +171,11 @@ pub struct ChunkStore {
     /// Blocks rewritten from a healthy replica's copy after a checksum mismatch.
     repairs: AtomicU64,
     direct_io_active: std::sync::atomic::AtomicBool,
+    /// Reads and writes admitted so far (client reads, and writes applied from the log): the
+    /// background reclaim slows down while this moves (see `store_epochs::collect`).
+    io_count: AtomicU64,
+    /// One reclaim step at a time on the whole node, whichever groups and volumes reclaim.
+    reclaim_gate: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -244,6 +249,8 @@ impl ChunkStore {
             dirty_started: tokio::sync::Notify::new(),
             threshold_hit: tokio::sync::Notify::new(),
             checksum_errors: AtomicU64::new(0),
+            io_count: AtomicU64::new(0),
+            reclaim_gate: tokio::sync::Mutex::new(()),
             direct_io_active: std::sync::atomic::AtomicBool::new(cfg.direct_io),
             cfg,
         }))
@@ -526,6 +533,7 @@ impl ChunkStore {
         if *gate {
             return Err(Error::VolumeDeleted(v.id));
         }
+        self.io_count.fetch_add(1, Ordering::Relaxed);
         let write = match mode {
             Admit::Read => false,
             Admit::Write => true,

@@ -8,10 +8,14 @@ use std::collections::BTreeMap;
 use super::*;
 
 /// Blocks per step of a background reclaim (one RocksDB scan and batch under the chunk
-/// lock), and the pause after each: about 16k blocks (64 MiB of versions) a second at most,
-/// so client I/O keeps the chunk locks and the disk.
+/// lock). Steps run one at a time on the whole node, however many groups and volumes
+/// reclaim, with a pause after each: `COLLECT_PAUSE` on an idle node (about 50k blocks, 200
+/// MiB of address space, a second), `COLLECT_PAUSE_BUSY` while reads and writes come in
+/// (about 5k blocks a second, a step taking a few milliseconds: client I/O keeps the chunk
+/// locks, the disk and the cores, in the spirit of Ceph's `osd_snap_trim_sleep`).
 const COLLECT_STEP: u32 = 1024;
-const COLLECT_PAUSE: Duration = Duration::from_millis(60);
+const COLLECT_PAUSE: Duration = Duration::from_millis(20);
+const COLLECT_PAUSE_BUSY: Duration = Duration::from_millis(200);
 
 /// Space a volume's versions hold in one group, in blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -148,6 +152,8 @@ impl ChunkStore {
             let mut first = 0;
             while first < BLOCKS_PER_CHUNK as u32 {
                 let (meta, c2, e) = (self.meta.clone(), c.clone(), epochs.clone());
+                let gate = self.reclaim_gate.lock().await;
+                let io_before = self.io_count.load(Ordering::Relaxed);
                 let n =
                     tokio::task::spawn_blocking(move || c2.collect(&meta, first, COLLECT_STEP, &e))
                         .await
@@ -155,7 +161,15 @@ impl ChunkStore {
                 self.note_committed(v, &c, -(n as i64), n);
                 freed += n as u64;
                 first += COLLECT_STEP;
-                tokio::time::sleep(COLLECT_PAUSE).await;
+                // Steps that found nothing cost a map walk only: no pause for them.
+                if n > 0 {
+                    tokio::time::sleep(COLLECT_PAUSE).await;
+                    let busy = self.io_count.load(Ordering::Relaxed) != io_before;
+                    if busy {
+                        tokio::time::sleep(COLLECT_PAUSE_BUSY - COLLECT_PAUSE).await;
+                    }
+                }
+                drop(gate);
             }
         }
         Ok(freed)
