@@ -171,8 +171,9 @@ pub struct ChunkStore {
     /// Blocks rewritten from a healthy replica's copy after a checksum mismatch.
     repairs: AtomicU64,
     direct_io_active: std::sync::atomic::AtomicBool,
-    /// Reads and writes admitted so far (client reads, and writes applied from the log): the
-    /// background reclaim slows down while this moves (see `store_epochs::collect`).
+    /// Client reads and writes seen so far (writes admitted here, whether a client's or
+    /// applied from the log; reads as `note_client_read` counts them, so the scrub's do not):
+    /// the background reclaim slows down while this moves (see `store_epochs::collect`).
     io_count: AtomicU64,
     /// One reclaim step at a time on the whole node, whichever groups and volumes reclaim.
     reclaim_gate: tokio::sync::Mutex<()>,
@@ -522,6 +523,11 @@ impl ChunkStore {
     }
 
     /// Checks an I/O request against the volume and takes its gate.
+    /// Counts a client's read (see `io_count`).
+    pub fn note_client_read(&self) {
+        self.io_count.fetch_add(1, Ordering::Relaxed);
+    }
+
     async fn admit<'a>(
         &self,
         v: &'a Volume,
@@ -533,7 +539,9 @@ impl ChunkStore {
         if *gate {
             return Err(Error::VolumeDeleted(v.id));
         }
-        self.io_count.fetch_add(1, Ordering::Relaxed);
+        if mode != Admit::Read {
+            self.io_count.fetch_add(1, Ordering::Relaxed);
+        }
         let write = match mode {
             Admit::Read => false,
             Admit::Write => true,

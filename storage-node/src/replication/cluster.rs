@@ -665,6 +665,7 @@ impl Cluster {
         }
         let group = self.check(v, offset, len, false)?;
         self.linearize(group).await?;
+        self.store.note_client_read();
         if epoch != 0 {
             self.check_snapshot(group, v.id.0, epoch)?;
             return self.store.read_at(v, offset, len, epoch).await;
