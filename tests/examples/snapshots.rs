@@ -24,6 +24,30 @@ fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// The deployment's directories, whose daemon logs a failure shows.
+static LOG_DIRS: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// The warnings and errors in every daemon log of the deployment.
+fn daemon_warnings() -> String {
+    let mut out = String::new();
+    for d in LOG_DIRS.get().into_iter().flatten() {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let t = std::fs::read_to_string(&p).unwrap_or_default();
+                out.push_str(&format!("--- {}\n", p.display()));
+                for l in t.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+                    if !l.contains("openraft") {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Runs fio; returns (write IOPS, write p99 completion latency in microseconds).
 fn fio_stats(uri: &str, name: &str, args: &[&str]) -> (f64, f64) {
     let o = Command::new("fio")
@@ -36,7 +60,9 @@ fn fio_stats(uri: &str, name: &str, args: &[&str]) -> (f64, f64) {
         .args(args)
         .output()
         .expect("fio");
-    assert!(o.status.success(), "fio {name} failed\n{}", text(&o));
+    if !o.status.success() {
+        panic!("fio {name} failed\n{}\n{}", text(&o), daemon_warnings());
+    }
     // fio may print notes before its JSON.
     let out = String::from_utf8_lossy(&o.stdout);
     let json = &out[out.find('{').unwrap_or(0)..];
@@ -71,6 +97,7 @@ fn main() {
     for v in ["snap", "plain"] {
         m.must_tern(&["volume", "create", v, "--size", "1G"]);
     }
+    let _ = LOG_DIRS.set(vec![c.dir.path().to_path_buf(), m.dir.path().to_path_buf()]);
     let hv = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
     let uri = |v: &str| format!("nbd://{hv}/{v}");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
