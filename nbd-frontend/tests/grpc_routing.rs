@@ -617,7 +617,7 @@ async fn a_dead_leader_is_left_for_the_new_one() {
     let g = group_of(0);
     let nodes = Nodes::start(2, |id, addrs| {
         let mut m = map(&[addrs[0], addrs[1], dead]);
-        m.group_state = vec![v1::GroupInfo { group: g, leader: 3, term: 1 }];
+        m.group_state = vec![v1::GroupInfo { group: g, leader: 3, term: 1, ..Default::default() }];
         let leaders = (id != 1).then_some((g, 1)).into_iter().collect();
         Script { map: Some(m), leaders, ..Default::default() }
     })

@@ -111,11 +111,13 @@ fn main() -> anyhow::Result<()> {
                 ClusterConfig::parse_nodes(list).map_err(anyhow::Error::msg)?,
                 args.groups,
                 args.join,
+                Vec::new(),
             )),
             (None, Some(link)) => {
-                let (members, groups, join) =
-                    link.cluster_config().await.map_err(anyhow::Error::msg)?;
-                let nodes = members
+                let c = link.cluster_config().await.map_err(anyhow::Error::msg)?;
+                let (groups, join) = (c.groups, c.join);
+                let nodes = c
+                    .members
                     .into_iter()
                     .map(|n| tern_common::NodeAddr {
                         id: n.id,
@@ -129,13 +131,13 @@ fn main() -> anyhow::Result<()> {
                     join,
                     "storage cluster configuration from the volume manager"
                 );
-                Some((nodes, groups, join))
+                Some((nodes, groups, join, c.placement))
             }
             (None, None) => None,
         };
         let cluster = match members {
             None => None,
-            Some((nodes, groups, join)) => {
+            Some((nodes, groups, join, placement)) => {
                 if let Some(me) = nodes.iter().find(|n| n.id == args.node_id) {
                     if me.datacenter != args.datacenter {
                         anyhow::bail!(
@@ -155,6 +157,7 @@ fn main() -> anyhow::Result<()> {
                     join,
                     scrub_rate: args.scrub_rate_mib << 20,
                     scrub_pause: std::time::Duration::from_secs(args.scrub_pause_secs),
+                    placement,
                 };
                 if cfg.unsafe_no_replication {
                     tracing::warn!(

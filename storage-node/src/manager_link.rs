@@ -44,6 +44,30 @@ fn channel(address: &str) -> Option<Channel> {
     )
 }
 
+/// The storage cluster as the volume manager formed it.
+pub struct ManagerClusterConfig {
+    pub members: Vec<v1::NodeInfo>,
+    pub groups: u32,
+    pub join: bool,
+    /// Voters of groups `0..=groups`; empty when the manager sent none or an incomplete one.
+    pub placement: Vec<Vec<u64>>,
+}
+
+/// The placement by group index, if it covers every group exactly once.
+fn placement_of(p: &[v1::GroupVoters], groups: u32) -> Vec<Vec<u64>> {
+    let mut out = vec![Vec::new(); groups as usize + 1];
+    for g in p {
+        match out.get_mut(g.group as usize) {
+            Some(slot) if slot.is_empty() => *slot = g.voters.clone(),
+            _ => return Vec::new(),
+        }
+    }
+    if out.iter().any(Vec::is_empty) {
+        return Vec::new();
+    }
+    out
+}
+
 impl ManagerLink {
     fn used(&self) -> u64 {
         self.store.list().iter().map(|v| v.allocated_bytes()).sum()
@@ -85,8 +109,8 @@ impl ManagerLink {
 
     /// Registers (retrying until a manager answers), then asks for the storage cluster this
     /// node belongs to until the manager has formed it (nodes of three datacenters up).
-    /// Returns (members, chunk groups, whether this node joins as a spare).
-    pub async fn cluster_config(&self) -> Result<(Vec<v1::NodeInfo>, u32, bool), String> {
+    /// Returns (members, chunk groups, whether this node joins as a spare, placement).
+    pub async fn cluster_config(&self) -> Result<ManagerClusterConfig, String> {
         let mut tries = 0u32;
         loop {
             if tries > 0 {
@@ -109,7 +133,12 @@ impl ManagerLink {
                 match ManagerClient::new(ch).get_cluster_config(req).await {
                     Ok(c) => {
                         let c = c.into_inner();
-                        return Ok((c.members, c.groups, c.join));
+                        return Ok(ManagerClusterConfig {
+                            placement: placement_of(&c.placement, c.groups),
+                            members: c.members,
+                            groups: c.groups,
+                            join: c.join,
+                        });
                     }
                     Err(s) => last = format!("{m}: {}", s.message()),
                 }

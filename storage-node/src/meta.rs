@@ -376,6 +376,29 @@ impl MetaStore {
         self.write(b, false)
     }
 
+    /// Forgets everything of `group`'s Raft replica here: its log, vote, applied state and
+    /// snapshot meta, fences and epoch states, in one synced batch (the replica was moved to
+    /// another node; the group's chunks are wiped after this, see `Cluster::retire`).
+    pub fn forget_group(&self, group: u32) -> Result<()> {
+        let mut b = WriteBatch::default();
+        let (s, e) = keys::raft_group_log_range(group);
+        b.delete_range(s, e);
+        for f in [
+            keys::RaftField::Vote,
+            keys::RaftField::Committed,
+            keys::RaftField::LastPurged,
+            keys::RaftField::Applied,
+            keys::RaftField::Snapshot,
+        ] {
+            b.delete(keys::raft_state_key(group, f));
+        }
+        let (s, e) = keys::fence_range(group);
+        b.delete_range(s, e);
+        let (s, e) = keys::epochs_range(group);
+        b.delete_range(s, e);
+        self.write(b, true)
+    }
+
     /// The fencing generations of `group`'s volumes (volume -> generation).
     pub fn fences(&self, group: u32) -> Result<Vec<(u64, u64)>> {
         let (s, e) = keys::fence_range(group);

@@ -499,6 +499,10 @@ impl Scraped {
         let (mut healthy, mut degraded) = (0u64, 0u64);
         for group in 0..=c.config().groups {
             let Some(raft) = c.raft(group) else { continue };
+            if !c.holds(group) {
+                // Placed on other nodes: its Raft instance here stays idle.
+                continue;
+            }
             let view = {
                 let m = raft.metrics();
                 let m = m.borrow();

@@ -623,7 +623,13 @@ impl cluster_server::Cluster for Service {
         let group_state = c
             .group_states()
             .into_iter()
-            .map(|(group, leader, term)| v1::GroupInfo { group, leader: leader.unwrap_or(0), term })
+            .map(|g| v1::GroupInfo {
+                group: g.group,
+                leader: g.leader.unwrap_or(0),
+                term: g.term,
+                voters: g.voters,
+                voters_committed: g.voters_committed,
+            })
             .collect();
         Ok(Response::new(v1::ClusterMap {
             self_id: self.node_id,
@@ -640,7 +646,7 @@ impl cluster_server::Cluster for Service {
         let c = self.cluster_or_refuse()?;
         let r = req.into_inner();
         let (new, member) = member_of(r.new)?;
-        c.start_replacement(r.old, new, member)?;
+        c.start_replacement(r.old, new, member, r.groups)?;
         Ok(Response::new(replacement_status(c.replacement())))
     }
 
@@ -773,6 +779,7 @@ fn replacement_status(
             seconds: r.finished.unwrap_or_else(|| r.started.elapsed()).as_secs_f64(),
             finished: r.finished.is_some(),
             last_error: r.last_error,
+            groups: r.requested,
         },
     }
 }

@@ -73,11 +73,17 @@ impl Cluster {
     /// take their membership from them (the managers' `--groups` must be `groups`), and a
     /// frontend.
     pub fn start_managed(groups: u32, managers: &str) -> Self {
-        Self::launch_with(groups, &[], false, Some(managers.to_string()))
+        Self::launch_with(groups, &[], false, Some(managers.to_string()), 1)
+    }
+
+    /// As [`Self::start_managed`], with `per_dc` nodes in each datacenter (node `i` in
+    /// datacenter `(i - 1) % 3 + 1`), all started together.
+    pub fn start_managed_wide(groups: u32, managers: &str, per_dc: usize) -> Self {
+        Self::launch_with(groups, &[], false, Some(managers.to_string()), per_dc)
     }
 
     fn launch(groups: u32, node_args: &[&str], metrics: bool) -> Self {
-        Self::launch_with(groups, node_args, metrics, None)
+        Self::launch_with(groups, node_args, metrics, None, 1)
     }
 
     fn launch_with(
@@ -85,16 +91,18 @@ impl Cluster {
         node_args: &[&str],
         metrics: bool,
         managers: Option<String>,
+        per_dc: usize,
     ) -> Self {
         let dir = tempfile::Builder::new().prefix("tern-cluster-").tempdir_in(test_root()).unwrap();
-        let nodes = (1..=3u64)
+        let nodes = (1..=3 * per_dc as u64)
             .map(|i| {
-                let ip = format!("127.0.{i}.1");
+                let dc = (i - 1) % 3 + 1;
+                let ip = format!("127.0.{dc}.{}", 1 + (i - 1) / 3 * 3);
                 let port = free_port_on(&ip);
                 Node {
                     id: i,
                     addr: format!("{ip}:{port}").parse().unwrap(),
-                    datacenter: format!("dc{i}"),
+                    datacenter: format!("dc{dc}"),
                     metrics_addr: metrics_addr_on(&ip, metrics),
                     child: None,
                     stopped: false,
@@ -117,7 +125,7 @@ impl Cluster {
         if c.managers.is_some() {
             // A managed node opens its port once the managers formed the cluster, which
             // takes all three: start them together, then wait.
-            for i in 0..3 {
+            for i in 0..c.nodes.len() {
                 let cmd = c.node_command(i);
                 let log = format!("node{}", c.nodes[i].id);
                 c.nodes[i].child = Some(crate::spawn_daemon_nowait(c.dir.path(), &log, cmd));
@@ -320,20 +328,36 @@ impl Cluster {
         })
     }
 
-    /// Waits until every group (meta included) has a leader that node 0 knows of.
+    /// Waits until every group (meta included) has a leader that a node holding a replica
+    /// of it knows of.
     pub fn wait_leaders(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(m) = self.map(0) {
-                if m.group_state.len() == self.groups as usize + 1
-                    && m.group_state.iter().all(|g| g.leader != 0)
-                {
-                    return;
-                }
+            let known = self.group_leaders();
+            if known.len() == self.groups as usize + 1 && known.iter().all(|l| l.0 != 0) {
+                return;
             }
             assert!(Instant::now() < deadline, "groups got no leaders\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `(leader, voters)` of every group (index = group), from the running nodes' maps: each
+    /// group as the node that leads it reports it (`(0, [])` where no leader answered).
+    pub fn group_leaders(&self) -> Vec<(u64, Vec<u64>)> {
+        let mut out = vec![(0, Vec::new()); self.groups as usize + 1];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.child.is_none() || n.stopped {
+                continue;
+            }
+            let Some(m) = self.map(i) else { continue };
+            for g in m.group_state {
+                if g.leader == m.self_id && (g.group as usize) < out.len() {
+                    out[g.group as usize] = (g.leader, g.voters);
+                }
+            }
+        }
+        out
     }
 
     /// How many groups each node leads, by node id (as node `i` sees it).
@@ -367,8 +391,16 @@ impl Cluster {
         loop {
             let mut blocks = Vec::new();
             let mut differ = None;
+            // With more nodes than datacenters, each group lives on some nodes only.
+            let leaders = self.group_leaders();
             for g in 0..=self.groups {
-                let ds: Vec<_> = running.iter().map(|&i| self.digest(i, g)).collect();
+                let voters = &leaders[g as usize].1;
+                let holders: Vec<usize> = running
+                    .iter()
+                    .copied()
+                    .filter(|&i| voters.is_empty() || voters.contains(&self.nodes[i].id))
+                    .collect();
+                let ds: Vec<_> = holders.iter().map(|&i| self.digest(i, g)).collect();
                 match (ds.iter().all(Option::is_some), ds.first().copied().flatten()) {
                     (true, Some(first)) if ds.iter().all(|d| *d == Some(first)) => {
                         blocks.push(first.2)

@@ -346,59 +346,124 @@ fn prometheus_scrapes_the_managers() {
     check_dashboard(&p, &pages, &["tern_manager_"]);
 }
 
-/// The managers keep the storage cluster whole: a drained member's replicas move to a spare
-/// of its datacenter, and so do a lost member's once it has been down for a while; I/O goes
+/// qemu-io commands against `uri`, which must all succeed.
+fn qemu_io(uri: &str, cmds: &[String]) {
+    let mut args = vec!["-f", "raw", uri];
+    for cmd in cmds {
+        args.extend(["-c", cmd.as_str()]);
+    }
+    let o = tern_tests::run(60, "qemu-io", &args);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success() && !out.contains("fail"), "qemu-io {cmds:?}\n{}", text(&o));
+}
+
+/// 1 MiB of pattern `i + 1` at `i * 64 + 2` MiB for `i` in 0..16: one write in each chunk
+/// of a 1 GiB volume (every chunk group), away from the workload's blocks.
+fn chunk_patterns(op: &str) -> Vec<String> {
+    (0..16).map(|i| format!("{op} -P {} {}M 1M", i + 1, i * 64 + 2)).collect()
+}
+
+fn node_field(v: &serde_json::Value, id: u64, field: &str) -> serde_json::Value {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .map_or(serde_json::Value::Null, |n| n[field].clone())
+}
+
+/// The managers keep the storage cluster whole and balanced: a node that joins takes half
+/// of its datacenter's groups; a drained member hands all of its replicas to another node
+/// of its datacenter, and so does a lost member once it has been down for a while; I/O goes
 /// on throughout and the data stays.
 #[test]
-fn drained_and_lost_nodes_move_to_spares_of_their_datacenter() {
+fn joining_nodes_take_groups_and_drained_or_lost_nodes_hand_theirs_over() {
     let m =
         Managers::start(&["--node-down-after", "2", "--replace-down-after", "3", "--groups", "8"]);
     let mut c = Cluster::start_managed(8, &m.addrs());
     m.must_tern(&["volume", "create", "data", "--size", "1G"]);
     let uri = c.uri("data");
-    let io = |cmds: &[&str]| {
-        let mut args = vec!["-f", "raw", uri.as_str()];
-        for cmd in cmds {
-            args.extend(["-c", cmd]);
-        }
-        let o = tern_tests::run(60, "qemu-io", &args);
-        let out = String::from_utf8_lossy(&o.stdout).to_string();
-        assert!(o.status.success() && !out.contains("fail"), "qemu-io {cmds:?}\n{}", text(&o));
-    };
-    // Data in every chunk group (away from the workload's blocks, at multiples of 4 MiB).
-    let writes: Vec<String> =
-        (0..16).map(|i| format!("write -P {} {}M 1M", i + 1, i * 64 + 2)).collect();
-    io(&writes.iter().map(String::as_str).collect::<Vec<_>>());
+    qemu_io(&uri, &chunk_patterns("write"));
 
+    // Nine groups (eight and the meta group) in each datacenter: a newcomer takes four.
     c.add_node(4, 3);
     c.add_node(5, 2);
-    let role = |v: &serde_json::Value, id: u64| {
-        v.as_array().unwrap().iter().find(|n| n["id"] == id).map(|n| n["member"] == true)
-    };
-    m.wait_json(&["node", "list"], Duration::from_secs(20), "two spares", |v| {
-        role(v, 4) == Some(false) && role(v, 5) == Some(false)
+    m.wait_json(&["node", "list"], Duration::from_secs(90), "nodes 4 and 5 rebalanced", |v| {
+        [(3, 5), (4, 4), (2, 5), (5, 4), (1, 9)].iter().all(|&(id, n)| {
+            node_field(v, id, "replicas") == n && node_field(v, id, "member") == true
+        })
     });
+    m.wait_json(&["cluster", "status"], Duration::from_secs(30), "no move left", |s| {
+        s["moving"].is_null() && s["groups"]["healthy"] == 8
+    });
+    let table = m.must_tern(&["node", "list"]);
+    assert!(table.contains("REPLICAS"), "{table}");
+    qemu_io(&uri, &chunk_patterns("read"));
+    c.wait_replicas_agree(Duration::from_secs(30));
 
     let w = Workload::start(c.dir.path(), &uri, "data", 25, || c.logs());
     let out = m.must_tern(&["node", "drain", "3", "--wait"]);
     assert!(out.contains("node 3 drained"), "{out}");
     let v = m.json(&["node", "list"]);
-    assert_eq!((role(&v, 4), role(&v, 3)), (Some(true), Some(false)), "{v}");
+    assert_eq!(node_field(&v, 4, "replicas"), 9, "{v}");
+    assert_eq!(node_field(&v, 3, "member"), false, "{v}");
     let s = m.json(&["cluster", "status"]);
     assert!(s["moving"].is_null(), "{s}");
+    // Node 3, still running, retires its replicas: its chunks' space is freed.
+    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 3 holds no data", |v| {
+        node_field(v, 3, "used_bytes") == 0
+    });
+    assert!(c.node_log(2).contains("retired this node's replica"), "{}", c.node_log(2));
 
     c.kill9(1); // node 2
-    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 5 replaced node 2", |v| {
-        role(v, 5) == Some(true) && role(v, 2) == Some(false)
+    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 5 took node 2's groups", |v| {
+        node_field(v, 5, "replicas") == 9 && node_field(v, 2, "member") == false
     });
     let (ok, report) = w.finish();
     assert!(ok, "I/O failed while nodes moved\n{report}\n{}", c.logs());
 
     // Everything written before is still there, now served by nodes 1, 4 and 5.
-    let reads: Vec<String> =
-        (0..16).map(|i| format!("read -P {} {}M 1M", i + 1, i * 64 + 2)).collect();
-    io(&reads.iter().map(String::as_str).collect::<Vec<_>>());
+    qemu_io(&uri, &chunk_patterns("read"));
     m.wait_json(&["cluster", "status"], Duration::from_secs(20), "all groups healthy", |s| {
         s["groups"]["healthy"] == 8
     });
+}
+
+/// Six nodes started together, two per datacenter: the managers spread the groups over all
+/// of them (each node holds about half of its datacenter's), the data path finds each
+/// group's leader among its own nodes, a lost node's groups keep serving from the other two
+/// datacenters and then move to the other node of its datacenter.
+#[test]
+fn groups_spread_over_every_node_and_a_lost_nodes_share_moves_within_its_datacenter() {
+    let m =
+        Managers::start(&["--node-down-after", "2", "--replace-down-after", "3", "--groups", "8"]);
+    let mut c = Cluster::start_managed_wide(8, &m.addrs(), 2);
+    let v = m.json(&["node", "list"]);
+    for id in 1..=6u64 {
+        let n = node_field(&v, id, "replicas").as_u64().unwrap_or(0);
+        assert!((4..=5).contains(&n), "node {id} holds {n} replicas\n{v}");
+        assert_eq!(node_field(&v, id, "member"), true, "{v}");
+    }
+    m.must_tern(&["volume", "create", "data", "--size", "1G"]);
+    let uri = c.uri("data");
+    qemu_io(&uri, &chunk_patterns("write"));
+    c.wait_replicas_agree(Duration::from_secs(30));
+    // A node holds only its own groups' data: no node has all of it.
+    let leaders = c.group_leaders();
+    for (g, (_, voters)) in leaders.iter().enumerate() {
+        assert_eq!(voters.len(), 3, "group {g}: {leaders:?}");
+    }
+
+    let w = Workload::start(c.dir.path(), &uri, "data", 20, || c.logs());
+    std::thread::sleep(Duration::from_secs(3));
+    c.kill9(3); // node 4, dc1's second node
+    m.wait_json(&["node", "list"], Duration::from_secs(60), "node 1 took node 4's groups", |v| {
+        node_field(v, 1, "replicas") == 9 && node_field(v, 4, "member") == false
+    });
+    let (ok, report) = w.finish();
+    assert!(ok, "I/O failed across the loss of a node\n{report}\n{}", c.logs());
+    qemu_io(&uri, &chunk_patterns("read"));
+    m.wait_json(&["cluster", "status"], Duration::from_secs(20), "all groups healthy", |s| {
+        s["groups"]["healthy"] == 8 && s["moving"].is_null()
+    });
+    c.wait_replicas_agree(Duration::from_secs(30));
 }

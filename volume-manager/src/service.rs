@@ -26,6 +26,9 @@ use crate::state::{
 use crate::storage;
 
 const FORWARDED: &str = "x-tern-forwarded";
+/// The storage cluster forms only once no node has registered for this long: nodes started
+/// together all become members (later ones join by rebalancing).
+const FORM_SETTLE_SECS: u64 = 2;
 /// How long a call waits for a leader (an election takes about a second).
 pub const LEADER_WAIT: Duration = Duration::from_secs(8);
 
@@ -283,7 +286,10 @@ impl Manager {
 
     fn node_to_wire(&self, n: &NodeRecord) -> v1::StorageNode {
         let seen = self.seen.lock().get(&n.id).copied();
-        let member = self.state.read().cluster.as_ref().is_some_and(|c| c.members.contains(&n.id));
+        let (member, replicas) = match &self.state.read().cluster {
+            Some(c) => (c.members.contains(&n.id), c.groups_of(n.id).len() as u32),
+            None => (false, 0),
+        };
         v1::StorageNode {
             id: n.id,
             address: n.address.clone(),
@@ -294,6 +300,7 @@ impl Manager {
             registered_at: n.registered_at,
             heartbeat_age_ms: seen.map(|s| s.at.elapsed().as_millis() as u64),
             member,
+            replicas,
         }
     }
 
@@ -695,22 +702,41 @@ impl Manager {
         let cluster = match existing {
             Some(c) => c,
             None => {
-                let members: Vec<u64> = {
+                let (members, placement) = {
                     let st = self.state.read();
-                    let mut by_dc: BTreeMap<&str, u64> = BTreeMap::new();
-                    for n in st.nodes.values().filter(|n| n.state == NodeState::Up) {
-                        let e = by_dc.entry(n.datacenter.as_str()).or_insert(n.id);
-                        *e = (*e).min(n.id);
-                    }
-                    if by_dc.len() < 3 {
+                    let up: Vec<&NodeRecord> =
+                        st.nodes.values().filter(|n| n.state == NodeState::Up).collect();
+                    let dcs: std::collections::BTreeSet<&str> =
+                        up.iter().map(|n| n.datacenter.as_str()).collect();
+                    if dcs.len() < 3 {
                         return Err(Status::unavailable(format!(
-                            "waiting for storage nodes in three datacenters (up: {:?})",
-                            by_dc.keys().collect::<Vec<_>>()
+                            "waiting for storage nodes in three datacenters (up: {dcs:?})"
                         )));
                     }
-                    by_dc.into_values().take(3).collect()
+                    // Nodes starting together register within moments of each other: the
+                    // cluster forms once registrations have settled, with all of them.
+                    let last = up.iter().map(|n| n.registered_at).max().unwrap_or(0);
+                    if now_secs().saturating_sub(last) < FORM_SETTLE_SECS {
+                        return Err(Status::unavailable(
+                            "waiting for storage nodes still registering",
+                        ));
+                    }
+                    let seen = self.seen.lock();
+                    let candidates: Vec<tern_common::placement::Candidate> = up
+                        .iter()
+                        .map(|n| tern_common::placement::Candidate {
+                            id: n.id,
+                            datacenter: n.datacenter.clone(),
+                            free_bytes: seen
+                                .get(&n.id)
+                                .map_or(0, |s| s.capacity.saturating_sub(s.used)),
+                        })
+                        .collect();
+                    let placement = tern_common::placement::place_groups(&candidates, self.groups);
+                    (up.iter().map(|n| n.id).collect::<Vec<u64>>(), placement)
                 };
-                let cmd = Cmd::FormCluster(StorageCluster { members, groups: self.groups });
+                let cmd =
+                    Cmd::FormCluster(StorageCluster { members, groups: self.groups, placement });
                 match self.propose(cmd).await? {
                     Reply::Cluster(c) => {
                         tracing::info!(members = ?c.members, groups = c.groups, "storage cluster formed");
@@ -731,10 +757,17 @@ impl Manager {
                 datacenter: n.datacenter.clone(),
             })
             .collect();
+        let placement = cluster
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(g, voters)| v1::GroupVoters { group: g as u32, voters: voters.clone() })
+            .collect();
         Ok(v1::ClusterConfig {
             members,
             groups: cluster.groups,
             join: !cluster.members.contains(&node_id),
+            placement,
         })
     }
 
@@ -784,6 +817,7 @@ impl Manager {
             reason: match mv.reason {
                 crate::state::MoveReason::Drain => "drain".into(),
                 crate::state::MoveReason::Down => "down".into(),
+                crate::state::MoveReason::Rebalance => "rebalance".into(),
             },
             started_at: mv.started_at,
         });
@@ -804,18 +838,22 @@ impl Manager {
             Ok(map) => {
                 // The members as this manager placed them (the map also lists nodes that
                 // used to be members).
-                let members: Vec<u64> = match &self.state.read().cluster {
-                    Some(c) => c.members.clone(),
-                    None => map.nodes.iter().map(|n| n.id).collect(),
+                let placement: Vec<Vec<u64>> = match &self.state.read().cluster {
+                    Some(c) => c.placement.clone(),
+                    None => Vec::new(),
                 };
-                let replica_down = members.iter().any(|id| down.contains(id));
+                // A group is degraded while a node holding one of its replicas is down.
+                let replica_down = |g: u32| match placement.get(g as usize) {
+                    Some(voters) => voters.iter().any(|id| down.contains(id)),
+                    None => !down.is_empty(),
+                };
                 let rebuilding = storage::groups_rebuilding(&addrs).await;
                 out.groups = map.groups;
                 for g in &map.group_state {
                     if g.group == 0 {
                         continue;
                     }
-                    if g.leader == 0 || replica_down {
+                    if g.leader == 0 || replica_down(g.group) {
                         out.groups_degraded += 1;
                     } else {
                         out.groups_healthy += 1;

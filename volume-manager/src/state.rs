@@ -104,6 +104,8 @@ pub enum MoveReason {
     Drain,
     /// It was down longer than the manager waits (`--replace-down-after`).
     Down,
+    /// A node joined (or has more room): some groups move to it from a fuller node.
+    Rebalance,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,13 +114,28 @@ pub struct Move {
     pub new: u64,
     pub reason: MoveReason,
     pub started_at: u64,
+    /// The groups whose replica on `old` moves to `new`; empty: all of them (and `old`
+    /// leaves the members).
+    pub groups: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageCluster {
-    /// Node ids, one per datacenter.
+    /// Node ids: every node holding replicas (or a meta learner), in every datacenter.
     pub members: Vec<u64>,
     pub groups: u32,
+    /// The voters of groups `0..=groups` (index = group), one per datacenter
+    /// (`tern_common::placement`). Moves keep it current.
+    pub placement: Vec<Vec<u64>>,
+}
+
+impl StorageCluster {
+    /// The groups (`0..=groups`) with a replica on `node`.
+    pub fn groups_of(&self, node: u64) -> Vec<u32> {
+        (0..self.placement.len() as u32)
+            .filter(|&g| self.placement[g as usize].contains(&node))
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,16 +427,41 @@ impl State {
                         .nodes
                         .get(id)
                         .ok_or_else(|| Refusal::NotFound(format!("no storage node {id}")))?;
-                    if dcs.contains(&n.datacenter.as_str()) {
-                        return Err(Refusal::InvalidArgument(format!(
-                            "two members in datacenter {}",
-                            n.datacenter
-                        )));
+                    if !dcs.contains(&n.datacenter.as_str()) {
+                        dcs.push(&n.datacenter);
                     }
-                    dcs.push(&n.datacenter);
                 }
                 if c.groups == 0 {
                     return Err(Refusal::InvalidArgument("a cluster has chunk groups".into()));
+                }
+                if c.placement.len() != c.groups as usize + 1 {
+                    return Err(Refusal::InvalidArgument(format!(
+                        "the placement covers {} groups, not {} and the meta group",
+                        c.placement.len(),
+                        c.groups
+                    )));
+                }
+                for (g, voters) in c.placement.iter().enumerate() {
+                    let mut seen: Vec<&str> = Vec::new();
+                    for v in voters {
+                        let dc = self.nodes.get(v).map(|n| n.datacenter.as_str());
+                        match dc {
+                            Some(dc) if c.members.contains(v) && !seen.contains(&dc) => {
+                                seen.push(dc)
+                            }
+                            _ => {
+                                return Err(Refusal::InvalidArgument(format!(
+                                    "group {g}: node {v} is not a member, or a second replica \
+                                     in its datacenter"
+                                )))
+                            }
+                        }
+                    }
+                    if seen.len() != dcs.len() {
+                        return Err(Refusal::InvalidArgument(format!(
+                            "group {g} lacks a replica in some datacenter"
+                        )));
+                    }
                 }
                 self.cluster = Some(c.clone());
                 Ok(Reply::Cluster(c))
@@ -437,9 +479,10 @@ impl State {
                 let cluster = self.cluster.as_ref().ok_or_else(|| {
                     Refusal::FailedPrecondition("the storage cluster is not formed yet".into())
                 })?;
-                if !cluster.members.contains(&mv.old) || cluster.members.contains(&mv.new) {
+                if !cluster.members.contains(&mv.old) || mv.old == mv.new {
                     return Err(Refusal::FailedPrecondition(format!(
-                        "moving node {} to node {}: the first must be a member, the second a spare",
+                        "moving node {} to node {}: the first must be a member, the second \
+                         another node",
                         mv.old, mv.new
                     )));
                 }
@@ -450,20 +493,38 @@ impl State {
                         mv.old, mv.new
                     )));
                 }
+                if let Some(g) = mv.groups.iter().find(|&&g| {
+                    cluster.placement.get(g as usize).is_none_or(|v| !v.contains(&mv.old))
+                }) {
+                    return Err(Refusal::FailedPrecondition(format!(
+                        "node {} holds no replica of group {g}",
+                        mv.old
+                    )));
+                }
                 self.moving = Some(mv);
                 Ok(Reply::Done)
             }
             Cmd::FinishMove { old, new } => {
-                match &self.moving {
-                    Some(cur) if cur.old == old && cur.new == new => {}
+                let mv = match &self.moving {
+                    Some(cur) if cur.old == old && cur.new == new => cur.clone(),
                     _ => return Ok(Reply::Done),
-                }
+                };
                 self.moving = None;
                 if let Some(c) = self.cluster.as_mut() {
-                    for m in c.members.iter_mut() {
-                        if *m == old {
-                            *m = new;
+                    for (g, voters) in c.placement.iter_mut().enumerate() {
+                        if mv.groups.is_empty() || mv.groups.contains(&(g as u32)) {
+                            for v in voters.iter_mut() {
+                                if *v == old {
+                                    *v = new;
+                                }
+                            }
                         }
+                    }
+                    if !c.members.contains(&new) {
+                        c.members.push(new);
+                    }
+                    if mv.groups.is_empty() {
+                        c.members.retain(|m| *m != old);
                     }
                 }
                 Ok(Reply::Done)
@@ -634,39 +695,83 @@ mod tests {
     }
 
     #[test]
-    fn the_storage_cluster_is_formed_once_with_one_member_per_datacenter() {
+    fn the_storage_cluster_is_formed_once_with_a_valid_placement() {
         let mut s = State::default();
         s.apply(reg(1, "a:1", "dc1"));
         s.apply(reg(2, "a:2", "dc1"));
         s.apply(reg(3, "a:3", "dc2"));
-        let form = |members: Vec<u64>| Cmd::FormCluster(StorageCluster { members, groups: 8 });
-        assert!(matches!(s.apply(form(vec![1, 2])), Reply::Refused(Refusal::InvalidArgument(_))));
-        assert!(matches!(s.apply(form(vec![1, 9])), Reply::Refused(Refusal::NotFound(_))));
-        assert!(matches!(s.apply(form(vec![1, 3])), Reply::Cluster(c) if c.members == vec![1, 3]));
+        let form = |members: Vec<u64>, placement: Vec<Vec<u64>>| {
+            Cmd::FormCluster(StorageCluster { members, groups: 1, placement })
+        };
+        let refused = |r: Reply| matches!(r, Reply::Refused(Refusal::InvalidArgument(_)));
+        assert!(refused(s.apply(form(vec![1, 3], vec![vec![1, 3]]))), "a group missing");
+        assert!(refused(s.apply(form(vec![1, 3], vec![vec![1, 3], vec![1, 2]]))), "not a member");
+        assert!(
+            refused(s.apply(form(vec![1, 2, 3], vec![vec![1, 3], vec![1, 2, 3]]))),
+            "two in dc1"
+        );
+        assert!(refused(s.apply(form(vec![1, 3], vec![vec![1, 3], vec![3]]))), "dc1 missing");
+        assert!(matches!(
+            s.apply(form(vec![1, 9], vec![vec![1], vec![9]])),
+            Reply::Refused(Refusal::NotFound(_))
+        ));
+        let ok = form(vec![1, 2, 3], vec![vec![1, 3], vec![2, 3]]);
+        assert!(matches!(s.apply(ok), Reply::Cluster(c) if c.members == vec![1, 2, 3]));
         // Once formed, it stays.
-        assert!(matches!(s.apply(form(vec![2, 3])), Reply::Cluster(c) if c.members == vec![1, 3]));
+        assert!(matches!(
+            s.apply(form(vec![2, 3], vec![vec![2, 3], vec![2, 3]])),
+            Reply::Cluster(c) if c.members == vec![1, 2, 3]
+        ));
+        assert_eq!(s.cluster.as_ref().unwrap().groups_of(3), vec![0, 1]);
+        assert_eq!(s.cluster.as_ref().unwrap().groups_of(2), vec![1]);
     }
 
     #[test]
-    fn a_move_puts_a_spare_of_the_same_datacenter_in_a_members_place() {
+    fn a_move_puts_another_node_of_the_same_datacenter_in_a_members_place() {
         let mut s = State::default();
         for (id, dc) in [(1, "dc1"), (2, "dc2"), (3, "dc3"), (4, "dc3"), (5, "dc1")] {
             s.apply(reg(id, &format!("a:{id}"), dc));
         }
-        let mv = |old, new| Move { old, new, reason: MoveReason::Drain, started_at: 1 };
-        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 4))), Reply::Refused(_)), "no cluster yet");
-        s.apply(Cmd::FormCluster(StorageCluster { members: vec![1, 2, 3], groups: 4 }));
-        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 5))), Reply::Refused(_)), "other dc");
-        assert!(matches!(s.apply(Cmd::StartMove(mv(4, 3))), Reply::Refused(_)), "not a member");
-        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4))), Reply::Done);
-        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4))), Reply::Done, "idempotent");
-        assert!(matches!(s.apply(Cmd::StartMove(mv(1, 5))), Reply::Refused(_)), "one at a time");
-        // A stale finish changes nothing; the right one swaps the member.
+        let mv = |old, new, groups: Vec<u32>| Move {
+            old,
+            new,
+            reason: MoveReason::Drain,
+            started_at: 1,
+            groups,
+        };
+        assert!(
+            matches!(s.apply(Cmd::StartMove(mv(3, 4, vec![]))), Reply::Refused(_)),
+            "no cluster"
+        );
+        let placement = vec![vec![1, 2, 3]; 5];
+        s.apply(Cmd::FormCluster(StorageCluster { members: vec![1, 2, 3], groups: 4, placement }));
+        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 5, vec![]))), Reply::Refused(_)), "other dc");
+        assert!(
+            matches!(s.apply(Cmd::StartMove(mv(4, 3, vec![]))), Reply::Refused(_)),
+            "not a member"
+        );
+        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 3, vec![]))), Reply::Refused(_)), "itself");
+        // A rebalance: groups 1 and 2 go to node 4, which joins the members; node 3 stays.
+        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4, vec![1, 2]))), Reply::Done);
+        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4, vec![1, 2]))), Reply::Done, "idempotent");
+        assert!(
+            matches!(s.apply(Cmd::StartMove(mv(1, 5, vec![]))), Reply::Refused(_)),
+            "one at a time"
+        );
+        // Finishing another move than the current one changes nothing.
         assert_eq!(s.apply(Cmd::FinishMove { old: 1, new: 5 }), Reply::Done);
         assert_eq!(s.cluster.as_ref().unwrap().members, vec![1, 2, 3]);
         assert_eq!(s.apply(Cmd::FinishMove { old: 3, new: 4 }), Reply::Done);
-        assert_eq!(s.cluster.as_ref().unwrap().members, vec![1, 2, 4]);
-        assert!(s.moving.is_none());
+        let c = s.cluster.clone().unwrap();
+        assert_eq!(c.members, vec![1, 2, 3, 4]);
+        assert_eq!((c.groups_of(3), c.groups_of(4)), (vec![0, 3, 4], vec![1, 2]));
+        // A group node 3 does not hold is refused; a drain moves the rest and retires it.
+        assert!(matches!(s.apply(Cmd::StartMove(mv(3, 4, vec![1]))), Reply::Refused(_)));
+        assert_eq!(s.apply(Cmd::StartMove(mv(3, 4, vec![]))), Reply::Done);
+        assert_eq!(s.apply(Cmd::FinishMove { old: 3, new: 4 }), Reply::Done);
+        let c = s.cluster.clone().unwrap();
+        assert_eq!(c.members, vec![1, 2, 4]);
+        assert_eq!(c.groups_of(4), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

@@ -106,11 +106,51 @@ pub async fn delete_volume(addresses: &[String], id: u64) -> Result<(), Status> 
     .await
 }
 
+/// The cluster map, merged from every node at `addresses` that answers: a node knows the
+/// leaders of the groups it holds replicas of only. Per group, a known leader wins over
+/// none (a replica moved away may still campaign, at ever higher terms), then the newest term.
 pub async fn cluster_map(addresses: &[String]) -> Result<v1::ClusterMap, Status> {
-    first_answer(addresses, |ch| async move {
-        Ok(ClusterClient::new(ch).get_cluster_map(v1::GetClusterMapRequest {}).await?.into_inner())
-    })
-    .await
+    // All at once, each within a short time: a frozen node must not hold up a status call.
+    const MAP_TIMEOUT: Duration = Duration::from_secs(2);
+    let asks = addresses.iter().map(|a| async move {
+        let mut c = ClusterClient::new(channel(a)?);
+        let call = c.get_cluster_map(v1::GetClusterMapRequest {});
+        match tokio::time::timeout(MAP_TIMEOUT, call).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(Status::unavailable(format!("storage node {a}: no map within 2 s"))),
+        }
+    });
+    let mut merged: Option<v1::ClusterMap> = None;
+    let mut last = Status::unavailable("no storage node address");
+    for map in futures::future::join_all(asks).await {
+        let map = match map {
+            Ok(m) => m,
+            Err(s) => {
+                last = s;
+                continue;
+            }
+        };
+        let Some(out) = merged.as_mut() else {
+            merged = Some(map);
+            continue;
+        };
+        for g in map.group_state {
+            match out.group_state.iter_mut().find(|o| o.group == g.group) {
+                Some(o) => {
+                    if (g.leader != 0, g.term) > (o.leader != 0, o.term) {
+                        *o = g;
+                    }
+                }
+                None => out.group_state.push(g),
+            }
+        }
+        for n in map.nodes {
+            if !out.nodes.iter().any(|o| o.id == n.id) {
+                out.nodes.push(n);
+            }
+        }
+    }
+    merged.ok_or(last)
 }
 
 /// Raises the volume's fence to `generation` in every chunk group (see `Cluster.FenceVolume`).
@@ -190,8 +230,9 @@ pub async fn replace_node(
     address: &str,
     old: u64,
     new: v1::NodeInfo,
+    groups: Vec<u32>,
 ) -> Result<v1::ReplacementStatus, Status> {
-    let req = v1::ReplaceNodeRequest { old, new: Some(new) };
+    let req = v1::ReplaceNodeRequest { old, new: Some(new), groups };
     Ok(ClusterClient::new(channel(address)?).replace_node(req).await?.into_inner())
 }
 
@@ -203,16 +244,11 @@ pub async fn replacement(address: &str) -> Result<v1::ReplacementStatus, Status>
 
 /// Groups being moved by a replacement some node drives, summed over `addresses`.
 pub async fn groups_rebuilding(addresses: &[String]) -> u32 {
-    let mut n = 0;
-    for a in addresses {
-        let Ok(ch) = channel(a) else { continue };
-        let mut c = ClusterClient::new(ch);
-        if let Ok(r) = c.get_replacement(v1::GetReplacementRequest {}).await {
-            let r = r.into_inner();
-            if r.active && !r.finished {
-                n += r.groups_total.saturating_sub(r.groups_done);
-            }
-        }
-    }
-    n
+    let asks = addresses.iter().map(|a| async move {
+        let mut c = ClusterClient::new(channel(a).ok()?);
+        let call = c.get_replacement(v1::GetReplacementRequest {});
+        let r = tokio::time::timeout(Duration::from_secs(2), call).await.ok()?.ok()?.into_inner();
+        (r.active && !r.finished).then(|| r.groups_total.saturating_sub(r.groups_done))
+    });
+    futures::future::join_all(asks).await.into_iter().flatten().sum()
 }

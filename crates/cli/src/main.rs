@@ -392,7 +392,7 @@ fn node_json(n: &v1::StorageNode) -> serde_json::Value {
         "id": n.id, "address": n.address, "datacenter": n.datacenter,
         "state": node_state(n.state), "capacity_bytes": n.capacity_bytes,
         "used_bytes": n.used_bytes, "registered_at": n.registered_at,
-        "heartbeat_age_ms": n.heartbeat_age_ms, "member": n.member,
+        "heartbeat_age_ms": n.heartbeat_age_ms, "member": n.member, "replicas": n.replicas,
     })
 }
 
@@ -405,6 +405,7 @@ fn node_rows(ns: &[v1::StorageNode]) -> Vec<Vec<String>> {
                 n.datacenter.clone(),
                 node_state(n.state).to_string(),
                 if n.member { "member" } else { "spare" }.to_string(),
+                n.replicas.to_string(),
                 format_size(n.capacity_bytes),
                 format_size(n.used_bytes),
                 n.heartbeat_age_ms.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1e3)),
@@ -413,8 +414,8 @@ fn node_rows(ns: &[v1::StorageNode]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const NODE_HEADER: [&str; 8] =
-    ["ID", "ADDRESS", "DC", "STATE", "ROLE", "CAPACITY", "USED", "HEARD"];
+const NODE_HEADER: [&str; 9] =
+    ["ID", "ADDRESS", "DC", "STATE", "ROLE", "REPLICAS", "CAPACITY", "USED", "HEARD"];
 
 fn show_nodes(json: bool, ns: &[v1::StorageNode]) {
     if json {
@@ -682,8 +683,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Node(NodeCmd::Replace { old, with, no_wait }) => {
             let mut cl = ClusterClient::new(channel);
             let new = parse_node_spec(&with).map_err(Fail::usage)?;
-            let mut r =
-                cl.replace_node(v1::ReplaceNodeRequest { old, new: Some(new) }).await?.into_inner();
+            let mut r = cl
+                .replace_node(v1::ReplaceNodeRequest { old, new: Some(new), groups: Vec::new() })
+                .await?
+                .into_inner();
             while !no_wait && !r.finished {
                 if !json {
                     print_replacement(false, &r);

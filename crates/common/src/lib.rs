@@ -7,6 +7,7 @@
 pub mod daemon;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+pub mod placement;
 
 use std::fmt;
 

@@ -51,6 +51,9 @@ pub(crate) struct Cluster {
     leaders: Vec<AtomicU64>,
     /// The Raft term in which a cluster map last reported each group's leader.
     terms: Vec<AtomicU64>,
+    /// Each group's voters as a map last reported them (where to look for a leader not known
+    /// yet: with more nodes than datacenters, a group lives on some nodes only).
+    voters: RwLock<Vec<Vec<u64>>>,
     /// The members, by ascending id. Written only when a fetched map changes them.
     nodes: RwLock<Vec<Arc<Node>>>,
     /// The configured endpoints: asked for the map when no member answers.
@@ -78,6 +81,7 @@ impl Cluster {
             groups: map.groups,
             leaders: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             terms: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            voters: RwLock::new(vec![Vec::new(); slots]),
             nodes: RwLock::new(Vec::new()),
             seeds,
             next: AtomicUsize::new(0),
@@ -261,7 +265,8 @@ impl Cluster {
     }
 
     /// Where the next try for `group` goes: its leader if known (and not `avoid`, the node
-    /// that just failed), else the next member in turn other than `avoid`.
+    /// that just failed), else the next of its voters in turn, else the next member in turn,
+    /// other than `avoid`.
     fn target(&self, group: u32, avoid: u64) -> Option<Arc<Node>> {
         let leader = self.leader(group);
         let nodes = self.nodes.read();
@@ -271,6 +276,19 @@ impl Cluster {
             }
         }
         let start = self.next.fetch_add(1, Relaxed);
+        {
+            let voters = self.voters.read();
+            let ours: Vec<&Arc<Node>> = voters
+                .get(group as usize)
+                .into_iter()
+                .flatten()
+                .filter(|&&v| v != avoid)
+                .filter_map(|v| nodes.iter().find(|n| n.id == *v))
+                .collect();
+            if !ours.is_empty() {
+                return Some(ours[start % ours.len()].clone());
+            }
+        }
         (0..nodes.len())
             .map(|k| &nodes[(start + k) % nodes.len()])
             .find(|n| n.id != avoid)
@@ -312,10 +330,19 @@ impl Cluster {
         for g in states {
             self.learn(g.group, g.leader, g.term);
         }
+        let mut voters = self.voters.write();
+        for g in states {
+            // A node that knows the leader holds a replica: its word on the voters is current.
+            if let Some(v) = voters.get_mut(g.group as usize) {
+                if !g.voters.is_empty() && (g.leader != 0 || v.is_empty()) {
+                    *v = g.voters.clone();
+                }
+            }
+        }
     }
 
-    /// A cluster map's word on a group. Taken unless a map already reported a newer term, so
-    /// a lagging node's map does not undo a newer one. (Leader and term are two atomics: a
+    /// A cluster map's word on a group's leader. Taken unless a map already reported a newer
+    /// term, so a lagging node's map does not undo a newer one. (Leader and term are two atomics: a
     /// race leaves at worst a stale leader, which answers with a redirect.)
     fn learn(&self, group: u32, leader: u64, term: u64) {
         let (Some(l), Some(t)) = (self.leaders.get(group as usize), self.terms.get(group as usize))
@@ -323,7 +350,10 @@ impl Cluster {
             return;
         };
         let known = t.load(Relaxed);
-        if term > known || (term == known && leader != 0) {
+        // A map without a leader says nothing useful: requests to a leader that is gone fail
+        // and forget it anyway, and a replica moved off a group (which may campaign on, at
+        // ever higher terms) must not wipe the real leader.
+        if leader != 0 && term >= known {
             t.store(term, Relaxed);
             l.store(leader, Relaxed);
         }
@@ -507,7 +537,7 @@ mod tests {
     }
 
     fn state(group: u32, leader: u64, term: u64) -> v1::GroupInfo {
-        v1::GroupInfo { group, leader, term }
+        v1::GroupInfo { group, leader, term, ..Default::default() }
     }
 
     /// Three members (ids 1..=3, nothing listening: connections are lazy), four groups.
@@ -571,9 +601,10 @@ mod tests {
         // Same term, leader unknown to the answering node: keep what we know.
         c.learn(1, 0, 5);
         assert_eq!(c.leader(1), 2);
-        // A newer term without a leader yet: an election is on.
+        // A newer term without a leader: an election, or a replica moved off the group that
+        // campaigns on. Either way it names no one: keep what we know.
         c.learn(1, 0, 6);
-        assert_eq!(c.leader(1), 0);
+        assert_eq!(c.leader(1), 2);
         c.learn(1, 3, 6);
         assert_eq!(c.leader(1), 3);
     }

@@ -1,8 +1,11 @@
 //! The node's chunk groups and the replicated data and admin paths.
 //!
-//! Membership is static for now (from `--cluster`): every group has one replica on each
-//! node, and the cluster needs one node per datacenter. The node with the lowest id
-//! initializes the groups the first time the cluster starts.
+//! Every group keeps one replica (a Raft voter) per datacenter, on the nodes its *placement*
+//! names (`tern_common::placement`): given by the volume manager, or computed from the
+//! `--cluster` list. With one node per datacenter every node holds every group. Each node
+//! runs a Raft instance for every group; those it holds no replica of stay uninitialized and
+//! idle. The lowest voter of each group initializes it the first time the cluster starts.
+//! Every node holds the meta group (volume records), as a voter or as a learner.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -45,6 +48,10 @@ pub struct ClusterConfig {
     /// This node is new, not in `nodes`: it starts with empty groups and waits to be added
     /// to them (a replacement).
     pub join: bool,
+    /// The voters of groups `0..=groups` (index = group) as first placed; empty: computed
+    /// from `nodes` (see [`ClusterConfig::resolve_placement`]). Moves change the groups'
+    /// memberships afterwards; this stays the starting point and a routing hint.
+    pub placement: Vec<Vec<u64>>,
 }
 
 /// The most data groups a cluster may have.
@@ -78,16 +85,77 @@ impl ClusterConfig {
         if ids.contains(&self.node_id) && self.join {
             return Err(format!("node {} is already a cluster member; drop --join", self.node_id));
         }
-        let dcs: HashSet<&str> = self.nodes.iter().map(|n| n.datacenter.as_str()).collect();
-        if dcs.len() != self.nodes.len() {
-            return Err("every group keeps one replica per datacenter: list one node per \
-                        datacenter (placement of more nodes comes with the volume manager)"
-                .into());
-        }
         if self.groups == 0 || self.groups > MAX_GROUPS {
             return Err(format!("--groups must be in 1..={MAX_GROUPS}"));
         }
+        if self.placement.is_empty() {
+            return Ok(());
+        }
+        if self.placement.len() != self.groups as usize + 1 {
+            return Err(format!(
+                "the placement names {} groups, the cluster has {} (and the meta group)",
+                self.placement.len(),
+                self.groups
+            ));
+        }
+        let dcs: HashSet<&str> = self.nodes.iter().map(|n| n.datacenter.as_str()).collect();
+        for (g, voters) in self.placement.iter().enumerate() {
+            let mut seen = HashSet::new();
+            for v in voters {
+                let Some(n) = self.nodes.iter().find(|n| n.id == *v) else {
+                    return Err(format!("group {g} is placed on node {v}, not a member"));
+                };
+                if !seen.insert(n.datacenter.as_str()) {
+                    return Err(format!("group {g} has two replicas in {}", n.datacenter));
+                }
+            }
+            if seen.len() != dcs.len() {
+                return Err(format!("group {g} lacks a replica in some datacenter: {voters:?}"));
+            }
+        }
         Ok(())
+    }
+
+    /// Fills in the placement computed from the member list when none was given (every node
+    /// computes the same one).
+    pub fn resolve_placement(&mut self) {
+        if self.placement.is_empty() {
+            let nodes: Vec<_> = self
+                .nodes
+                .iter()
+                .map(|n| tern_common::placement::Candidate {
+                    id: n.id,
+                    datacenter: n.datacenter.clone(),
+                    free_bytes: 0,
+                })
+                .collect();
+            self.placement = tern_common::placement::place_groups(&nodes, self.groups);
+        }
+    }
+}
+
+impl GroupOpener {
+    /// Opens `group`'s Raft instance over its stored state (none: an empty replica).
+    async fn open(
+        &self,
+        cfg: &ClusterConfig,
+        group: u32,
+        store: &Arc<ChunkStore>,
+        transport: &Arc<Transport>,
+    ) -> anyhow::Result<(Raft, Arc<std::sync::atomic::AtomicU64>)> {
+        let log = LogStore::new(group, self.meta.clone(), store.clone());
+        let committed = log.committed();
+        let sm = StateMachine::open(
+            group,
+            cfg.groups,
+            store.clone(),
+            self.meta.clone(),
+            self.created.clone(),
+            transport.epochs[group as usize].clone(),
+        )?;
+        sm.resume_collects();
+        let net = GroupNetworkFactory { group, transport: transport.clone() };
+        Ok((Raft::new(cfg.node_id, self.config.clone(), net, log, sm).await?, committed))
     }
 }
 
@@ -96,6 +164,20 @@ impl ClusterConfig {
 #[derive(Default)]
 struct ReadGate {
     state: Mutex<(bool, Vec<oneshot::Sender<Result<()>>>)>,
+}
+
+/// A group as one node knows it.
+#[derive(Clone, Debug)]
+pub struct GroupState {
+    pub group: u32,
+    /// Its leader, if this node holds a replica and knows one.
+    pub leader: Option<u64>,
+    pub term: u64,
+    /// Its voters: the membership when this node holds a replica, else the placement.
+    pub voters: Vec<u64>,
+    pub held: bool,
+    /// This node holds a replica and knows its membership to be committed.
+    pub voters_committed: bool,
 }
 
 /// Progress of a node replacement driven from this node.
@@ -108,6 +190,8 @@ pub struct Replacement {
     pub started: std::time::Instant,
     pub finished: Option<Duration>,
     pub last_error: String,
+    /// The groups asked for (empty: all).
+    pub requested: Vec<u32>,
 }
 
 pub struct Cluster {
@@ -115,13 +199,27 @@ pub struct Cluster {
     pub scrubbed: std::sync::atomic::AtomicU64,
     cfg: ClusterConfig,
     replacement: Arc<Mutex<Option<Replacement>>>,
+    /// Nodes this one moved replicas away from (not made meta learners again).
+    retired: Mutex<HashSet<u64>>,
     store: Arc<ChunkStore>,
     transport: Arc<Transport>,
-    /// Index = group id (0 = the meta group).
-    rafts: Vec<Raft>,
+    /// Index = group id (0 = the meta group). A slot's instance is replaced when this node's
+    /// replica of the group retires (see [`Cluster::retire`]).
+    rafts: Vec<parking_lot::RwLock<Raft>>,
     reads: Vec<Arc<ReadGate>>,
     /// Each group's commit index as its log store last heard it, plus one (0: none yet).
-    committed: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    committed: Vec<parking_lot::RwLock<Arc<std::sync::atomic::AtomicU64>>>,
+    /// What a group's Raft instance is opened with.
+    opener: GroupOpener,
+    /// When each group last had a leader as this node knows it (for [`Cluster::retire`]).
+    led_at: Vec<Mutex<std::time::Instant>>,
+}
+
+/// What opening a group's Raft instance takes.
+struct GroupOpener {
+    config: Arc<openraft::Config>,
+    meta: Arc<MetaStore>,
+    created: Arc<Notify>,
 }
 
 /// Proposals that get no answer this long fail with UNAVAILABLE (the client retries,
@@ -158,31 +256,24 @@ impl Cluster {
         store: Arc<ChunkStore>,
         meta: Arc<MetaStore>,
     ) -> anyhow::Result<Arc<Self>> {
+        let mut cfg = cfg;
         cfg.validate().map_err(anyhow::Error::msg)?;
+        cfg.resolve_placement();
         let nodes: Vec<(u64, String)> =
             cfg.nodes.iter().map(|n| (n.id, n.address.clone())).collect();
         let transport = Transport::new(cfg.node_id, &nodes, store.clone(), cfg.groups)?;
         let config = Arc::new(raft_config(cfg.snapshot_every).validate()?);
         super::snapshot::clear_staging(&store);
-        let created = Arc::new(Notify::new());
+        let opener = GroupOpener { config, meta, created: Arc::new(Notify::new()) };
         let mut rafts = Vec::new();
         let mut committed = Vec::new();
         for group in 0..=cfg.groups {
-            let log = LogStore::new(group, meta.clone(), store.clone());
-            committed.push(log.committed());
-            let sm = StateMachine::open(
-                group,
-                cfg.groups,
-                store.clone(),
-                meta.clone(),
-                created.clone(),
-                transport.epochs[group as usize].clone(),
-            )?;
-            sm.resume_collects();
-            let net = GroupNetworkFactory { group, transport: transport.clone() };
-            rafts.push(Raft::new(cfg.node_id, config.clone(), net, log, sm).await?);
+            let (raft, c) = opener.open(&cfg, group, &store, &transport).await?;
+            rafts.push(parking_lot::RwLock::new(raft));
+            committed.push(parking_lot::RwLock::new(c));
         }
         let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
+        let led_at = (0..=cfg.groups).map(|_| Mutex::new(std::time::Instant::now())).collect();
         let c = Arc::new(Self {
             scrubbed: Default::default(),
             cfg,
@@ -191,8 +282,12 @@ impl Cluster {
             rafts,
             reads,
             committed,
+            opener,
+            led_at,
             replacement: Arc::default(),
+            retired: Mutex::default(),
         });
+        tokio::spawn(c.clone().retire_moved_replicas());
         if c.cfg.scrub_rate > 0 {
             tokio::spawn(c.clone().scrub());
         }
@@ -201,35 +296,71 @@ impl Cluster {
         Ok(c)
     }
 
-    /// The lowest node id initializes every group once, with all nodes as voters.
+    /// The lowest voter of each group initializes it once, with the voters its placement
+    /// names. The meta group's leader then keeps every member a learner of it at least.
     fn spawn_bootstrap(self: Arc<Self>) {
-        if self.cfg.join || self.cfg.nodes.iter().map(|n| n.id).min() != Some(self.cfg.node_id) {
+        if self.cfg.join {
             return;
         }
+        if self.cfg.nodes.len() > self.cfg.placement[META_GROUP as usize].len() {
+            tokio::spawn(self.clone().keep_meta_learners());
+        }
         tokio::spawn(async move {
-            let members: BTreeMap<u64, Member> = self
-                .cfg
-                .nodes
-                .iter()
-                .map(|n| {
-                    let m = Member { address: n.address.clone(), datacenter: n.datacenter.clone() };
-                    (n.id, m)
-                })
-                .collect();
             let mut fresh = 0;
-            for raft in &self.rafts {
+            for (group, voters) in self.cfg.placement.iter().enumerate() {
+                if voters.iter().min() != Some(&self.cfg.node_id) {
+                    continue;
+                }
+                let raft = self.rafts[group].read().clone();
                 if raft.is_initialized().await.unwrap_or(true) {
                     continue;
                 }
-                match raft.initialize(members.clone()).await {
+                let members: BTreeMap<u64, Member> = self
+                    .cfg
+                    .nodes
+                    .iter()
+                    .filter(|n| voters.contains(&n.id))
+                    .map(|n| (n.id, Member::of(n)))
+                    .collect();
+                match raft.initialize(members).await {
                     Ok(()) => fresh += 1,
-                    Err(e) => tracing::warn!(%e, "initializing a chunk group"),
+                    Err(e) => tracing::warn!(group, %e, "initializing a chunk group"),
                 }
             }
             if fresh > 0 {
                 tracing::info!(groups = fresh, "bootstrapped chunk groups");
             }
         });
+    }
+
+    /// While this node leads the meta group: every configured member that holds no meta
+    /// replica becomes a learner (each node needs the volume records of the chunks it holds).
+    /// A node this one retired (replaced) is not added back.
+    async fn keep_meta_learners(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let raft = self.rafts[META_GROUP as usize].read().clone();
+            let (leads, present) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                let present: BTreeSet<u64> =
+                    m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
+                (m.current_leader == Some(self.cfg.node_id), present)
+            };
+            if !leads {
+                continue;
+            }
+            let retired = self.retired.lock().clone();
+            for n in &self.cfg.nodes {
+                if present.contains(&n.id) || retired.contains(&n.id) {
+                    continue;
+                }
+                match raft.add_learner(n.id, Member::of(n), false).await {
+                    Ok(_) => tracing::info!(node = n.id, "added as a learner of the meta group"),
+                    Err(e) => tracing::debug!(node = n.id, %e, "adding a meta learner"),
+                }
+            }
+        }
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -240,14 +371,14 @@ impl Cluster {
         &self.transport
     }
 
-    pub fn raft(&self, group: u32) -> Option<&Raft> {
-        self.rafts.get(group as usize)
+    pub fn raft(&self, group: u32) -> Option<Raft> {
+        self.rafts.get(group as usize).map(|r| r.read().clone())
     }
 
     /// The commit index of `group` as this replica last heard it; `None` if it heard of none
     /// since the node started (openraft's metrics do not carry it).
     pub fn committed_index(&self, group: u32) -> Option<u64> {
-        let c = self.committed.get(group as usize)?;
+        let c = self.committed.get(group as usize)?.read().clone();
         c.load(std::sync::atomic::Ordering::Relaxed).checked_sub(1)
     }
 
@@ -258,16 +389,10 @@ impl Cluster {
     /// Every node this one knows of: the configured members and every member of a group's
     /// membership (replacements join that way).
     pub fn members(&self) -> BTreeMap<u64, Member> {
-        let mut out: BTreeMap<u64, Member> = self
-            .cfg
-            .nodes
-            .iter()
-            .map(|n| {
-                (n.id, Member { address: n.address.clone(), datacenter: n.datacenter.clone() })
-            })
-            .collect();
+        let mut out: BTreeMap<u64, Member> =
+            self.cfg.nodes.iter().map(|n| (n.id, Member::of(n))).collect();
         for r in &self.rafts {
-            let m = r.metrics().borrow().membership_config.clone();
+            let m = r.read().metrics().borrow().membership_config.clone();
             for (id, node) in m.membership().nodes() {
                 out.insert(*id, node.clone());
             }
@@ -276,7 +401,22 @@ impl Cluster {
     }
 
     /// Starts moving every replica of `old` to `new` (see `Cluster.ReplaceNode`).
-    pub fn start_replacement(self: &Arc<Self>, old: u64, new: u64, member: Member) -> Result<()> {
+    /// Only `groups` when not empty (a rebalance moves a few).
+    pub fn start_replacement(
+        self: &Arc<Self>,
+        old: u64,
+        new: u64,
+        member: Member,
+        requested: Vec<u32>,
+    ) -> Result<()> {
+        let groups: Vec<u32> = if requested.is_empty() {
+            (0..self.rafts.len() as u32).collect()
+        } else {
+            requested.clone()
+        };
+        if let Some(g) = groups.iter().find(|&&g| g as usize >= self.rafts.len()) {
+            return Err(Error::NoSuchGroup(*g));
+        }
         let members = self.members();
         let Some(old_member) = members.get(&old) else {
             return Err(Error::Unsupported("replacing a node that is not a member"));
@@ -290,13 +430,13 @@ impl Cluster {
                 ),
             });
         }
-        if members.contains_key(&new) && self.cfg.nodes.iter().any(|n| n.id == new) {
-            return Err(Error::Unsupported("the replacement is an original member already"));
+        if old == new {
+            return Err(Error::Unsupported("a node cannot replace itself"));
         }
         {
             let mut r = self.replacement.lock();
             if let Some(cur) = r.as_ref().filter(|c| c.finished.is_none()) {
-                if cur.old == old && cur.new == new {
+                if cur.old == old && cur.new == new && cur.requested == requested {
                     return Ok(());
                 }
                 return Err(Error::Refused {
@@ -307,17 +447,31 @@ impl Cluster {
             *r = Some(Replacement {
                 old,
                 new,
-                total: self.rafts.len() as u32,
+                total: groups.len() as u32,
                 done: 0,
                 started: std::time::Instant::now(),
                 finished: None,
                 last_error: String::new(),
+                requested,
             });
         }
         let me = self.clone();
         tokio::spawn(async move {
             tracing::info!(old, new, "replacing a node");
-            for group in 0..me.rafts.len() as u32 {
+            // The new node learns the volume records first (every node holds the meta group).
+            loop {
+                match me.replace_in_group(META_GROUP, 0, new, &member).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(%e, "making the new node a meta learner failed; retrying");
+                        if let Some(r) = me.replacement.lock().as_mut() {
+                            r.last_error = format!("meta group: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            for group in groups {
                 loop {
                     match me.replace_in_group(group, old, new, &member).await {
                         Ok(()) => break,
@@ -380,41 +534,14 @@ impl Cluster {
         new: u64,
         member: &Member,
     ) -> Result<()> {
-        let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
-        let leader = raft.metrics().borrow().current_leader;
-        match leader {
-            None => Err(Error::Unavailable(format!("group {group} has no leader"))),
-            Some(l) if l == self.cfg.node_id => {
-                self.change_replica(group, old, new, member.clone()).await
-            }
-            Some(l) => {
-                let addr =
-                    self.address_of(l).ok_or(Error::Unavailable(format!("leader {l} unknown")))?;
-                let mut c = tern_proto::v1::cluster_client::ClusterClient::connect(format!(
-                    "http://{addr}"
-                ))
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-                let req = tern_proto::v1::ChangeReplicaRequest {
-                    group,
-                    old,
-                    new: Some(tern_proto::v1::NodeInfo {
-                        id: new,
-                        address: member.address.clone(),
-                        datacenter: member.datacenter.clone(),
-                    }),
-                };
-                c.change_replica(req)
-                    .await
-                    .map_err(|s| Error::Unavailable(s.message().to_string()))?;
-                Ok(())
-            }
-        }
+        let op = GroupOp::ChangeReplica { old, new, member: member.clone() };
+        self.on_leader(group, &op).await.map(|_| ())
     }
 
     /// On `group`'s leader: adds `new` as a learner and waits until it caught up (from the
     /// log, or a snapshot streamed from the chunk store), then makes it a voter in `old`'s
-    /// place. Idempotent: a group already moved is left alone.
+    /// place (a learner, if `old` was one; `old == 0`: only adds the learner). Idempotent: a
+    /// group already moved is left alone.
     pub async fn change_replica(
         &self,
         group: u32,
@@ -424,10 +551,12 @@ impl Cluster {
     ) -> Result<()> {
         let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
         let m = raft.metrics().borrow().membership_config.clone();
-        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
-        if voters.contains(&new) && !voters.contains(&old) {
-            return Ok(());
+        if raft.metrics().borrow().current_leader != Some(self.cfg.node_id) {
+            let leader = raft.metrics().borrow().current_leader;
+            return Err(Error::NotLeader { group, leader });
         }
+        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        let holds = |id: u64| m.membership().nodes().any(|(n, _)| *n == id);
         let map = |group: u32| {
             move |e: RaftError<u64, ClientWriteError<u64, Member>>| match e {
                 RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
@@ -436,7 +565,41 @@ impl Cluster {
                 e => Error::Unavailable(e.to_string()),
             }
         };
-        if !m.membership().nodes().any(|(id, _)| *id == new) {
+        if old != 0 && !holds(old) {
+            // Moved already, or never here (placement puts each group on some nodes only).
+            return Ok(());
+        }
+        if old != 0 {
+            self.retired.lock().insert(old);
+        }
+        if old == 0 {
+            // Only make `new` a learner (of the meta group, before it takes data groups:
+            // applying their entries needs the volume records).
+            if !holds(new) {
+                raft.add_learner(new, member, true).await.map_err(map(group))?;
+                tracing::info!(group, new, "learner added");
+            }
+            return Ok(());
+        }
+        if !voters.contains(&old) {
+            // `old` is a learner (of the meta group): `new` takes its place as one, unless
+            // it holds a replica already.
+            if !holds(new) {
+                raft.add_learner(new, member, true).await.map_err(map(group))?;
+            }
+            raft.change_membership(ChangeMembers::RemoveNodes([old].into()), false)
+                .await
+                .map_err(map(group))?;
+            tracing::info!(group, old, new, "learner replaced");
+            return Ok(());
+        }
+        if voters.contains(&new) {
+            return Err(Error::Refused {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!("node {new} holds a replica of group {group} already"),
+            });
+        }
+        if !holds(new) {
             raft.add_learner(new, member, true).await.map_err(map(group))?;
         }
         let mut next = voters;
@@ -449,17 +612,143 @@ impl Cluster {
         Ok(())
     }
 
-    /// `(group, leader as known here, term)` of every group.
-    pub fn group_states(&self) -> Vec<(u32, Option<u64>, u64)> {
-        self.rafts
-            .iter()
-            .enumerate()
-            .map(|(g, r)| {
+    /// Retires the replicas this node holds of groups that moved elsewhere. A replica moved
+    /// off a group does not always hear of it (the leader stops sending to it once the new
+    /// membership is in its log): it keeps its old membership, campaigns in vain (its log is
+    /// behind, so no voter grants it), and its chunks hold space. So every few seconds each
+    /// group this node is a voter of by its own word, but has had no leader for a while, is
+    /// checked with the group's other voters: once its leader reports a committed membership
+    /// without this node, the replica retires ([`Cluster::retire`]).
+    async fn retire_moved_replicas(self: Arc<Self>) {
+        const CHECK_EVERY: Duration = Duration::from_secs(2);
+        const LEADERLESS_FOR: Duration = Duration::from_secs(6);
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            for g in 0..self.rafts.len() {
+                let group = g as u32;
+                let Some(raft) = self.raft(group) else { continue };
+                let (voter, leader, voters) = {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                    (voters.contains(&self.cfg.node_id), m.current_leader, voters)
+                };
+                if !voter || leader.is_some() {
+                    *self.led_at[g].lock() = std::time::Instant::now();
+                    continue;
+                }
+                if self.led_at[g].lock().elapsed() < LEADERLESS_FOR {
+                    continue;
+                }
+                *self.led_at[g].lock() = std::time::Instant::now();
+                if self.moved_off(group, &voters).await {
+                    if let Err(e) = self.retire(group).await {
+                        tracing::error!(group, %e, "retiring a moved replica");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the leader of `group`, found among `voters`, reports a committed membership
+    /// without this node.
+    async fn moved_off(&self, group: u32, voters: &[u64]) -> bool {
+        for &peer in voters.iter().filter(|&&p| p != self.cfg.node_id) {
+            let Some(addr) = self.address_of(peer) else { continue };
+            let map = async {
+                let mut c = tern_proto::v1::cluster_client::ClusterClient::connect(format!(
+                    "http://{addr}"
+                ))
+                .await
+                .ok()?;
+                let req = tern_proto::v1::GetClusterMapRequest {};
+                Some(c.get_cluster_map(req).await.ok()?.into_inner())
+            };
+            let Ok(Some(map)) = tokio::time::timeout(Duration::from_secs(2), map).await else {
+                continue;
+            };
+            let Some(g) = map.group_state.iter().find(|g| g.group == group) else { continue };
+            if g.leader == map.self_id && g.leader != 0 {
+                return g.voters_committed && !g.voters.contains(&self.cfg.node_id);
+            }
+        }
+        false
+    }
+
+    /// Drops this node's replica of `group`: stops its Raft instance, forgets its state (one
+    /// synced batch), wipes its chunks, and opens an empty instance in its place (should the
+    /// group come back here, it catches up like any new replica). Only for a replica the
+    /// group's committed membership no longer names: nothing depends on what it held. A crash
+    /// between forgetting and wiping leaves unreferenced chunk data (space, never wrong data:
+    /// a replica that comes back is rebuilt by a snapshot, which wipes the chunks it installs).
+    async fn retire(&self, group: u32) -> anyhow::Result<()> {
+        let old = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let _ = old.shutdown().await;
+        self.opener.meta.forget_group(group)?;
+        self.transport.epochs[group as usize].lock().clear();
+        let mut wiped = 0u32;
+        if group != META_GROUP {
+            for v in self.store.list() {
+                let rec = v.record();
+                if rec.storage_class != "replicated" {
+                    continue;
+                }
+                for chunk in super::snapshot::group_chunks(&rec, group, self.cfg.groups) {
+                    self.store.wipe_chunk(&v, chunk).await?;
+                    wiped += 1;
+                }
+            }
+        }
+        let (raft, committed) =
+            self.opener.open(&self.cfg, group, &self.store, &self.transport).await?;
+        *self.rafts[group as usize].write() = raft;
+        *self.committed[group as usize].write() = committed;
+        tracing::info!(group, chunks = wiped, "retired this node's replica (moved elsewhere)");
+        Ok(())
+    }
+
+    /// Every group as this node knows it.
+    pub fn group_states(&self) -> Vec<GroupState> {
+        (0..self.rafts.len())
+            .map(|g| {
+                let r = self.rafts[g].read().clone();
                 let m = r.metrics();
                 let m = m.borrow();
-                (g as u32, m.current_leader, m.current_term)
+                let membership = m.membership_config.membership();
+                let held = membership.nodes().any(|(n, _)| *n == self.cfg.node_id);
+                let voters = if held {
+                    membership.voter_ids().collect()
+                } else {
+                    self.cfg.placement.get(g).cloned().unwrap_or_default()
+                };
+                let committed = self.committed_index(g as u32);
+                let voters_committed = held
+                    && match m.membership_config.log_id() {
+                        None => true,
+                        Some(l) => committed.is_some_and(|c| c >= l.index),
+                    };
+                GroupState {
+                    group: g as u32,
+                    leader: m.current_leader.filter(|_| held),
+                    term: m.current_term,
+                    voters,
+                    held,
+                    voters_committed,
+                }
             })
             .collect()
+    }
+
+    /// Whether this node holds a replica (voter or learner) of `group`.
+    pub fn holds(&self, group: u32) -> bool {
+        self.raft(group).is_some_and(|r| {
+            r.metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .any(|(n, _)| *n == self.cfg.node_id)
+        })
     }
 
     /// The data group of `[offset, offset + len)`, which must lie within one chunk (the
@@ -475,11 +764,11 @@ impl Cluster {
     /// Proposes `cmd` to `group` and waits until it is committed and applied here.
     pub async fn propose(&self, group: u32, cmd: Cmd) -> Result<Reply> {
         let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
-        self.refuse_if_cut_off(group, raft)?;
+        self.refuse_if_cut_off(group, &raft)?;
         let write = tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(cmd));
         let answer = tokio::select! {
             r = write => r,
-            () = until_cut_off(raft) => return Err(Error::NotLeader { group, leader: None }),
+            () = until_cut_off(&raft) => return Err(Error::NotLeader { group, leader: None }),
         };
         match answer {
             Err(_) => Err(Error::Unavailable(format!(
@@ -777,6 +1066,10 @@ impl Cluster {
                 while off < rec.size {
                     let len = PIECE.min(rec.size - off);
                     let group = chunk_group(rec.placement(), off / CHUNK_SIZE, self.cfg.groups);
+                    if !self.holds(group) {
+                        off += len;
+                        continue;
+                    }
                     match self.read_repairing(&v, group, off, len).await {
                         Ok(_) => {}
                         Err(Error::VolumeDeleted(_)) | Err(Error::VolumeNotFound(_)) => break,
@@ -925,14 +1218,46 @@ impl Cluster {
         self.store.usage(&v, &chunks, &state).await
     }
 
-    /// Runs `op` on `group`'s leader (this node, or the one it names), retrying through an
-    /// election for a few seconds.
+    /// The nodes that may lead `group`, best guess first: its voters as this node knows them
+    /// (its membership when it holds a replica, else the placement it started with), then
+    /// every other member. Without this node.
+    fn leader_candidates(&self, group: u32) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        if let Some(raft) = self.raft(group) {
+            let m = raft.metrics().borrow().membership_config.clone();
+            out.extend(m.membership().voter_ids());
+        }
+        if let Some(p) = self.cfg.placement.get(group as usize) {
+            out.extend(p.iter().copied());
+        }
+        out.extend(self.members().into_keys());
+        let mut seen = HashSet::new();
+        out.retain(|&n| n != self.cfg.node_id && seen.insert(n));
+        out
+    }
+
+    /// Runs `op` on `group`'s leader (this node, or another), retrying through an election
+    /// for a few seconds. The leader as this node knows it goes first; a node that holds no
+    /// replica of the group asks the group's voters in turn and follows their leader hints.
     async fn on_leader(&self, group: u32, op: &GroupOp) -> Result<GroupAnswer> {
         let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut hint: Option<u64> = None;
+        let mut attempt = 0usize;
         loop {
-            let leader = raft.metrics().borrow().current_leader;
-            let r = match leader {
+            let known = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                let holds =
+                    m.membership_config.membership().nodes().any(|(n, _)| *n == self.cfg.node_id);
+                m.current_leader.filter(|_| holds)
+            };
+            let target = hint.take().or(known).or_else(|| {
+                let c = self.leader_candidates(group);
+                attempt += 1;
+                (!c.is_empty()).then(|| c[(attempt - 1) % c.len()])
+            });
+            let r = match target {
                 Some(l) if l == self.cfg.node_id => self.run_group_op(group, op).await,
                 Some(l) => match self.address_of(l) {
                     Some(addr) => remote_group_op(&addr, group, op).await,
@@ -940,12 +1265,19 @@ impl Cluster {
                 },
                 None => Err(Error::Unavailable(format!("group {group} has no leader"))),
             };
+            let late = tokio::time::Instant::now() >= deadline;
             match r {
-                Err(e @ (Error::Unavailable(_) | Error::NotLeader { leader: None, .. }))
-                    if tokio::time::Instant::now() < deadline =>
-                {
+                Err(Error::NotLeader { leader: Some(l), .. }) if !late && Some(l) != target => {
+                    hint = Some(l);
+                }
+                Err(e @ (Error::Unavailable(_) | Error::NotLeader { .. })) if !late => {
                     tracing::debug!(group, ?op, "{e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Asking around (no leader known here) goes faster than waiting for one.
+                    let pause = if known.is_none() { 20 } else { 100 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(Error::NotLeader { .. }) => {
+                    return Err(Error::Unavailable(format!("group {group}: no leader found")))
                 }
                 r => return r,
             }
@@ -966,6 +1298,10 @@ impl Cluster {
             GroupOp::Usage { volume } => {
                 self.group_usage(group, volume).await.map(GroupAnswer::Usage)
             }
+            GroupOp::ChangeReplica { old, new, ref member } => self
+                .change_replica(group, old, new, member.clone())
+                .await
+                .map(|()| GroupAnswer::Done),
         }
     }
 }
@@ -1012,6 +1348,7 @@ enum GroupOp {
     Snapshot { volume: u64, epochs: std::sync::Arc<[u64]>, op: SnapOp },
     Changes { volume: u64, from: u64, to: u64 },
     Usage { volume: u64 },
+    ChangeReplica { old: u64, new: u64, member: Member },
 }
 
 enum GroupAnswer {
@@ -1028,7 +1365,13 @@ async fn remote_group_op(addr: &str, group: u32, op: &GroupOp) -> Result<GroupAn
         .map_err(|e| Error::Unavailable(e.to_string()))?;
     // UNAVAILABLE (election, stale leader) is retried; anything else is the answer.
     let status = |s: tonic::Status| match s.code() {
-        tonic::Code::Unavailable => Error::Unavailable(s.message().to_string()),
+        tonic::Code::Unavailable => {
+            let hint = s.metadata().get(crate::error::LEADER_HINT);
+            match hint.and_then(|h| h.to_str().ok()?.parse::<u64>().ok()) {
+                Some(l) => Error::NotLeader { group, leader: Some(l) },
+                None => Error::Unavailable(s.message().to_string()),
+            }
+        }
         code => Error::Refused { code: code as i32, message: s.message().to_string() },
     };
     match *op {
@@ -1071,6 +1414,19 @@ async fn remote_group_op(addr: &str, group: u32, op: &GroupOp) -> Result<GroupAn
                 head_only: r.head_only_bytes / BS,
                 exclusive: r.exclusive.into_iter().map(|e| (e.epoch, e.bytes / BS)).collect(),
             }))
+        }
+        GroupOp::ChangeReplica { old, new, ref member } => {
+            let req = v1::ChangeReplicaRequest {
+                group,
+                old,
+                new: Some(v1::NodeInfo {
+                    id: new,
+                    address: member.address.clone(),
+                    datacenter: member.datacenter.clone(),
+                }),
+            };
+            c.change_replica(req).await.map_err(status)?;
+            Ok(GroupAnswer::Done)
         }
     }
 }

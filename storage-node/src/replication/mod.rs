@@ -171,6 +171,12 @@ pub struct Member {
     pub datacenter: String,
 }
 
+impl Member {
+    pub fn of(n: &tern_common::NodeAddr) -> Self {
+        Self { address: n.address.clone(), datacenter: n.datacenter.clone() }
+    }
+}
+
 impl std::fmt::Display for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.address, self.datacenter)
