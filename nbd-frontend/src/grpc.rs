@@ -87,6 +87,8 @@ struct Inner {
     attached: parking_lot::RwLock<std::collections::HashMap<u64, Arc<Attached>>>,
     /// The id each volume's chunks are placed by, where it is not the volume's own (clones).
     placements: parking_lot::RwLock<std::collections::HashMap<u64, u64>>,
+    /// `local` volumes of a cluster: the node holding each (all its I/O goes there).
+    homes: parking_lot::RwLock<std::collections::HashMap<u64, u64>>,
     /// Read-only exports of snapshots (`volume@snapshot`): export id -> (volume id, epoch).
     snapshots: parking_lot::RwLock<std::collections::HashMap<u64, (u64, u64)>>,
     next_snapshot_export: std::sync::atomic::AtomicU64,
@@ -140,6 +142,7 @@ impl GrpcBackend {
                 attacher,
                 attached: Default::default(),
                 placements: Default::default(),
+                homes: Default::default(),
                 snapshots: Default::default(),
                 next_snapshot_export: std::sync::atomic::AtomicU64::new(SNAPSHOT_EXPORT),
                 mode: OnceCell::new(),
@@ -170,6 +173,14 @@ impl GrpcBackend {
         if v.placement_id != 0 && v.placement_id != v.id {
             self.inner.placements.write().insert(v.id, v.placement_id);
         }
+        if v.home_node != 0 {
+            self.inner.homes.write().insert(v.id, v.home_node);
+        }
+    }
+
+    /// The node holding `volume_id` if it is a `local` volume of a cluster.
+    fn home(&self, volume_id: u64) -> Option<u64> {
+        self.inner.homes.read().get(&volume_id).copied()
     }
 
     /// The volume and epoch an export id reads: a snapshot export's, or the volume's head.
@@ -612,6 +623,11 @@ impl Backend for GrpcBackend {
                 let op = read_op(volume_id, epoch, offset, len);
                 read_data(call_single(node, op).await?, len.into())
             }
+            Mode::Cluster(c) if self.home(volume_id).is_some() => {
+                let home = self.home(volume_id).unwrap_or_default();
+                let reply = c.send_to(home, read_op(volume_id, epoch, offset, len)).await?;
+                read_data(reply, len.into())
+            }
             Mode::Cluster(c) => {
                 // Pieces of a `len`-byte read fit in a u32.
                 let op = |p: Part| read_op(volume_id, epoch, p.offset, p.len as u32);
@@ -647,6 +663,10 @@ impl Backend for GrpcBackend {
                             .await
                             .map(drop)
                     }
+                    Mode::Cluster(c) if self.home(volume_id).is_some() => {
+                        let home = self.home(volume_id).unwrap_or_default();
+                        c.send_to(home, write_op(volume_id, tag, offset, data, fua)).await.map(drop)
+                    }
                     Mode::Cluster(c) => {
                         let op = |p: Part| {
                             write_op(volume_id, tag, p.offset, data.slice(p.within(offset)), fua)
@@ -679,6 +699,11 @@ impl Backend for GrpcBackend {
                     let op = write_zeroes_op(volume_id, tag, offset, len, punch_hole, fua);
                     call_single(node, op).await.map(drop)
                 }
+                Mode::Cluster(c) if self.home(volume_id).is_some() => {
+                    let home = self.home(volume_id).unwrap_or_default();
+                    let op = write_zeroes_op(volume_id, tag, offset, len, punch_hole, fua);
+                    c.send_to(home, op).await.map(drop)
+                }
                 Mode::Cluster(c) => {
                     let op =
                         |p: Part| write_zeroes_op(volume_id, tag, p.offset, p.len, punch_hole, fua);
@@ -707,6 +732,10 @@ impl Backend for GrpcBackend {
                 Mode::Single(node) => {
                     call_single(node, trim_op(volume_id, tag, offset, len, fua)).await.map(drop)
                 }
+                Mode::Cluster(c) if self.home(volume_id).is_some() => {
+                    let home = self.home(volume_id).unwrap_or_default();
+                    c.send_to(home, trim_op(volume_id, tag, offset, len, fua)).await.map(drop)
+                }
                 Mode::Cluster(c) => {
                     let op = |p: Part| trim_op(volume_id, tag, p.offset, p.len, fua);
                     let place = self.placement(volume_id);
@@ -728,6 +757,10 @@ impl Backend for GrpcBackend {
         };
         match mode {
             Mode::Single(node) => call_single(node, flush_op(volume_id, None)).await.map(drop),
+            Mode::Cluster(c) if self.home(volume_id).is_some() => {
+                let home = self.home(volume_id).unwrap_or_default();
+                c.send_to(home, flush_op(volume_id, None)).await.map(drop)
+            }
             Mode::Cluster(c) => {
                 let place = self.placement(volume_id);
                 Box::pin(c.flush(place, |g| flush_op(volume_id, Some(g)))).await
@@ -749,6 +782,10 @@ impl Backend for GrpcBackend {
         let reply = match mode {
             Mode::Single(node) => {
                 call_single(node, block_status_op(volume_id, epoch, offset, len)).await?
+            }
+            Mode::Cluster(c) if self.home(volume_id).is_some() => {
+                let home = self.home(volume_id).unwrap_or_default();
+                c.send_to(home, block_status_op(volume_id, epoch, offset, len)).await?
             }
             Mode::Cluster(c) => {
                 // Only the first chunk's piece: NBD lets a reply cover less than was asked.

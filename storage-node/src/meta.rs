@@ -39,6 +39,10 @@ pub struct VolumeRecord {
     /// parent). 0: the volume's own id.
     #[serde(default)]
     pub placement: u64,
+    /// A `local` volume on a cluster: the node holding it (0: replicated, or a single
+    /// node's own).
+    #[serde(default)]
+    pub home: u64,
 }
 
 /// The snapshot a clone was made from.
@@ -505,6 +509,7 @@ mod tests {
             labels: Default::default(),
             parent: None,
             placement: 0,
+            home: 0,
         };
         {
             let m = MetaStore::open(dir.path()).unwrap();

@@ -145,6 +145,7 @@ fn to_wire(v: &Volume) -> v1::Volume {
         created_at: r.created_at,
         allocated_bytes: v.allocated_bytes(),
         placement_id: placement,
+        home_node: r.home,
         parent_volume_id: r.parent.map_or(0, |p| p.volume),
         parent_epoch: r.parent.map_or(0, |p| p.epoch),
         tenant: r.tenant,
@@ -183,14 +184,33 @@ impl Service {
             };
             return self.store.create_volume(new).await;
         };
-        if class == v1::StorageClass::Local {
-            return Err(Error::Unsupported(
-                "storage class 'local' on a cluster needs the volume manager's placement; \
-                 create a 'replicated' volume",
-            ));
-        }
         tern_common::validate_volume_name(&r.name)?;
         tern_common::validate_volume_size(r.size_bytes)?;
+        if class == v1::StorageClass::Local {
+            if r.home_node == 0 || !c.members().contains_key(&r.home_node) {
+                return Err(Error::Unsupported(
+                    "storage class 'local' on a cluster needs a home node that is a member \
+                     (the volume manager chooses one)",
+                ));
+            }
+            if r.parent_volume_id != 0 {
+                return Err(Error::Unsupported("clones are of replicated volumes only"));
+            }
+            let cmd = Cmd::CreateLocalVolume {
+                name: r.name,
+                size: r.size_bytes,
+                read_only: r.read_only,
+                tenant: r.tenant,
+                labels,
+                created_at: crate::store::now_secs(),
+                home: r.home_node,
+            };
+            let id = self
+                .propose_meta(c, cmd)
+                .await?
+                .ok_or(Error::Unavailable("no volume id".into()))?;
+            return self.store.get(id);
+        }
         let parent = (r.parent_volume_id != 0)
             .then_some(crate::meta::Parent { volume: r.parent_volume_id, epoch: r.parent_epoch });
         let cmd = Cmd::CreateVolume {
@@ -419,6 +439,8 @@ impl Service {
         match (&self.cluster, r.group) {
             // One chunk group per request: the frontend sends one to each group's leader.
             (Some(c), Some(g)) => Ok(c.flush(&v, g).await?),
+            // A local volume: its home node's barrier.
+            (Some(c), None) if !v.is_replicated() => Ok(c.flush_local(&v).await?),
             (Some(_), None) => Err(Status::invalid_argument(
                 "a flush on a replicated cluster names its chunk group",
             )),

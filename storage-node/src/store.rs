@@ -147,6 +147,8 @@ pub struct NewVolume {
     /// A clone's parent snapshot, and the id its chunks are placed by (see `VolumeRecord`).
     pub parent: Option<crate::meta::Parent>,
     pub placement: u64,
+    /// A `local` volume on a cluster: the node holding it.
+    pub home: u64,
 }
 
 pub struct ChunkStore {
@@ -375,6 +377,7 @@ impl ChunkStore {
             labels: new.labels,
             parent: new.parent,
             placement: new.placement,
+            home: new.home,
         };
         let dir = self.cfg.data_dir.join("volumes").join(id.to_string());
         std::fs::create_dir_all(&dir)

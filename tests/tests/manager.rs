@@ -220,9 +220,21 @@ fn bad_requests_get_clear_errors_and_exit_codes() {
 /// them (EPERM), and nothing of them reaches the data.
 #[test]
 fn a_taken_over_attachment_fences_the_old_hosts_writes() {
+    takeover_fences_the_old_host(&[]);
+}
+
+/// As above, for a `local` volume: its home node keeps the fence.
+#[test]
+fn a_taken_over_attachment_of_a_local_volume_fences_the_old_hosts_writes() {
+    takeover_fences_the_old_host(&["--class", "local", "--node", "3"]);
+}
+
+fn takeover_fences_the_old_host(class: &[&str]) {
     tern_tests::require_tool("python3");
     let (m, mut c) = deployment("10");
-    m.must_tern(&["volume", "create", "shared", "--size", "256M"]);
+    let mut create = vec!["volume", "create", "shared", "--size", "256M"];
+    create.extend_from_slice(class);
+    m.must_tern(&create);
     let managers = m.endpoints();
     let hv1 = c.start_another_frontend("hv1", &["--manager", &managers, "--host", "hv1"]);
     let hv2 = c.start_another_frontend("hv2", &["--manager", &managers, "--host", "hv2"]);
@@ -466,4 +478,50 @@ fn groups_spread_over_every_node_and_a_lost_nodes_share_moves_within_its_datacen
         s["groups"]["healthy"] == 8 && s["moving"].is_null()
     });
     c.wait_replicas_agree(Duration::from_secs(30));
+}
+
+/// A `local` volume on a cluster: one copy, on the node the managers chose (or the operator
+/// named), served through any frontend; it survives a `kill -9` of that node; snapshots and
+/// bad home nodes are refused clearly.
+#[test]
+fn a_local_volume_lives_on_one_node() {
+    let (m, mut c) = deployment("10");
+    let v = m.json(&[
+        "volume", "create", "scratch", "--size", "256M", "--class", "local", "--node", "2",
+    ]);
+    assert_eq!(
+        (v["storage_class"].as_str(), v["home_node"].as_u64()),
+        (Some("local"), Some(2)),
+        "{v}"
+    );
+    let auto = m.json(&["volume", "create", "auto", "--size", "64M", "--class", "local"]);
+    assert!((1..=3).contains(&auto["home_node"].as_u64().unwrap_or(0)), "{auto}");
+    let o =
+        m.tern(&["volume", "create", "bad", "--size", "64M", "--class", "local", "--node", "99"]);
+    assert!(!o.status.success() && text(&o).contains("node 99"), "{}", text(&o));
+    let o = m.tern(&["volume", "create", "bad", "--size", "64M", "--node", "2"]);
+    assert!(!o.status.success() && text(&o).contains("'local'"), "{}", text(&o));
+    let table = m.must_tern(&["volume", "list"]);
+    assert!(table.contains("local (node 2)"), "{table}");
+
+    let uri = c.uri("scratch");
+    qemu_io(&uri, &["write -P 0x17 0 8M".into(), "write -P 0x18 200M 1M".into()]);
+    qemu_io(&uri, &["read -P 0x17 0 8M".into(), "read -P 0x18 200M 1M".into()]);
+    // The data is on node 2 alone.
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "only node 2 holds data", |v| {
+        node_field(v, 2, "used_bytes").as_u64().unwrap_or(0) >= 9 << 20
+            && node_field(v, 1, "used_bytes") == 0
+            && node_field(v, 3, "used_bytes") == 0
+    });
+    let o = m.tern(&["snapshot", "create", "scratch"]);
+    assert!(!o.status.success() && text(&o).contains("'local'"), "{}", text(&o));
+
+    // Acknowledged (flushed: qemu-io flushes before it exits) writes survive kill -9.
+    c.kill9(1);
+    c.start_node(1);
+    qemu_io(&uri, &["read -P 0x17 0 8M".into(), "read -P 0x18 200M 1M".into()]);
+    m.must_tern(&["volume", "delete", "scratch"]);
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "the space is freed", |v| {
+        node_field(v, 2, "used_bytes") == 0
+    });
 }

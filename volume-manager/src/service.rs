@@ -114,6 +114,7 @@ fn volume_to_wire(v: &VolumeRecord, allocated: u64) -> v1::Volume {
         parent_epoch: v.parent.map_or(0, |p| p.1),
         // Routing is the storage nodes' business (they fill it in).
         placement_id: 0,
+        home_node: v.home,
     }
 }
 
@@ -333,6 +334,16 @@ impl Manager {
         let addrs = self.storage_addresses();
         let mut wire = req.clone();
         wire.storage_class = class_to_wire(class) as i32;
+        wire.home_node = match class {
+            Class::Local => self.local_home(req.home_node)?,
+            Class::Replicated if req.home_node != 0 => {
+                return Err(Status::invalid_argument(
+                    "a home node is for 'local' volumes; 'replicated' ones live in every \
+                     datacenter",
+                ))
+            }
+            Class::Replicated => 0,
+        };
         let made = match storage::create_volume(&addrs, wire).await {
             Ok(v) => v,
             // Created by an earlier attempt that did not get to record it: adopt it.
@@ -357,11 +368,41 @@ impl Manager {
             labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
             created_at: made.created_at,
             parent: None,
+            home: made.home_node,
         };
         match self.propose(Cmd::CreateVolume(rec)).await? {
             Reply::Volume(v) => Ok(volume_to_wire(&v, made.allocated_bytes)),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// The node a new `local` volume lives on: `asked` if given (it must be a member that is
+    /// up), else the member up with the most free space, as heartbeats tell.
+    fn local_home(&self, asked: u64) -> Result<u64, Status> {
+        let st = self.state.read();
+        // The members (all registered nodes for a storage cluster configured with --cluster).
+        let members: Vec<u64> = match &st.cluster {
+            Some(c) => c.members.clone(),
+            None => st.nodes.keys().copied().collect(),
+        };
+        let up = |id: &u64| st.nodes.get(id).is_some_and(|n| n.state == NodeState::Up);
+        if asked != 0 {
+            if !members.contains(&asked) || !up(&asked) {
+                return Err(Status::failed_precondition(format!(
+                    "node {asked} is not a storage cluster member that is up"
+                )));
+            }
+            return Ok(asked);
+        }
+        let seen = self.seen.lock();
+        let free = |id: u64| seen.get(&id).map_or(0, |s| s.capacity.saturating_sub(s.used));
+        members
+            .iter()
+            .filter(|id| up(id))
+            .map(|&id| (std::cmp::Reverse(free(id)), id))
+            .min()
+            .map(|(_, id)| id)
+            .ok_or_else(|| Status::unavailable("no storage cluster member is up"))
     }
 
     async fn allocated(&self, id: u64) -> u64 {
@@ -456,6 +497,12 @@ impl Manager {
         let _admin = self.admin.lock().await;
         self.linearize().await?;
         let v = self.find_volume(req.volume.as_ref())?;
+        if v.class == Class::Local {
+            return Err(Status::failed_precondition(format!(
+                "volume {:?} is 'local': snapshots are of 'replicated' volumes",
+                v.name
+            )));
+        }
         let name = if req.name.is_empty() {
             format!("snap-{}", self.state.read().head_epoch(v.id))
         } else {
@@ -526,6 +573,7 @@ impl Manager {
             labels: p.labels.clone().into_iter().collect(),
             parent_volume_id: p.id,
             parent_epoch: snap.epoch,
+            home_node: 0,
         };
         let made = match storage::create_volume(&addrs, wire).await {
             Ok(v) => v,
@@ -551,6 +599,7 @@ impl Manager {
             labels: p.labels.clone(),
             created_at: made.created_at,
             parent: Some((p.id, snap.epoch)),
+            home: 0,
         };
         tracing::info!(volume = %rec.name, parent = %p.name, snapshot = %snap.name, "volume cloned");
         match self.propose(Cmd::CreateVolume(rec)).await? {

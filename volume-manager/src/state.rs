@@ -45,6 +45,8 @@ pub struct VolumeRecord {
     pub created_at: u64,
     /// A clone: the volume and snapshot epoch it was cloned from.
     pub parent: Option<(u64, u64)>,
+    /// A `local` volume: the storage node holding it.
+    pub home: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -662,6 +664,7 @@ mod tests {
             labels: BTreeMap::new(),
             created_at: 1,
             parent: None,
+            home: 0,
         }
     }
 

@@ -130,6 +130,10 @@ enum VolumeCmd {
         /// `local` (one copy; the default on a single node).
         #[arg(long, value_enum)]
         class: Option<Class>,
+        /// For a `local` volume on a cluster: the storage node to hold it (default: the
+        /// member with the most free space).
+        #[arg(long)]
+        node: Option<u64>,
     },
     /// List volumes.
     List,
@@ -296,6 +300,7 @@ fn volume_json(v: &v1::Volume) -> serde_json::Value {
         "labels": v.labels,
         "parent_volume_id": v.parent_volume_id,
         "parent_epoch": v.parent_epoch,
+        "home_node": v.home_node,
     })
 }
 
@@ -333,7 +338,10 @@ fn volume_rows(vs: &[v1::Volume]) -> Vec<Vec<String>> {
                 v.id.to_string(),
                 format_size(v.size_bytes),
                 format_size(v.allocated_bytes),
-                storage_class(v.storage_class).to_string(),
+                match v.home_node {
+                    0 => storage_class(v.storage_class).to_string(),
+                    n => format!("{} (node {n})", storage_class(v.storage_class)),
+                },
                 if v.read_only { "ro" } else { "rw" }.to_string(),
             ]
         })
@@ -629,7 +637,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 mgr.list_attachments(v1::ListAttachmentsRequest {}).await?.into_inner().attachments;
             show_attachments(json, &atts);
         }
-        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class, tenant }) => {
+        Cmd::Volume(VolumeCmd::Create { name, size, read_only, labels, class, tenant, node }) => {
             let storage_class = match class {
                 None => v1::StorageClass::Unspecified,
                 Some(Class::Local) => v1::StorageClass::Local,
@@ -642,6 +650,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 read_only,
                 tenant,
                 labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                home_node: node.unwrap_or(0),
                 ..Default::default()
             };
             let v = c.create_volume(req).await?.into_inner();

@@ -227,6 +227,50 @@ impl Cluster {
         }
     }
 
+    /// Sends `op` to node `node` (the home of a `local` volume), retrying while it is
+    /// unreachable, within [`RETRY_BUDGET`]. Final errors are returned at once.
+    pub async fn send_to(self: &Arc<Self>, node: u64, op: Op) -> Result<Reply, BackendError> {
+        let deadline = Instant::now() + RETRY_BUDGET;
+        let attempts = async {
+            let mut backoff = Backoff::new(deadline);
+            loop {
+                let target = self.nodes.read().iter().find(|n| n.id == node).cloned();
+                let why = match target {
+                    None => {
+                        self.refresh_soon();
+                        format!("node {node} is not in the cluster map")
+                    }
+                    Some(n) => {
+                        match tokio::time::timeout(ATTEMPT_TIMEOUT, n.call(op.clone())).await {
+                            Err(_) => format!("node {node}: no answer within {ATTEMPT_TIMEOUT:?}"),
+                            Ok(answer) => match classify(answer) {
+                                Outcome::Done(reply) => return Ok(reply),
+                                Outcome::Fail(e) => return Err(e),
+                                Outcome::Redirect(l) => {
+                                    format!("node {node} sends the volume to node {l}")
+                                }
+                                Outcome::Retry(why) => format!("node {node}: {why}"),
+                            },
+                        }
+                    }
+                };
+                debug!(node, %why, "retrying a request to a local volume's node");
+                if !backoff.wait().await {
+                    return Err(BackendError::Unavailable(format!(
+                        "gave up on node {node} after {RETRY_BUDGET:?}; last: {why}"
+                    )));
+                }
+                self.metrics.retries.inc();
+            }
+        };
+        match tokio::time::timeout_at(deadline, attempts).await {
+            Ok(answer) => answer,
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "node {node} did not answer within {RETRY_BUDGET:?}"
+            ))),
+        }
+    }
+
     /// A volume admin call: to the meta group's leader if known (it holds the volume
     /// records), else to any member, as every node forwards admin calls. Another member is
     /// tried while the answer is UNAVAILABLE, within [`RETRY_BUDGET`].

@@ -7,7 +7,7 @@
 //! idle. The lowest voter of each group initializes it the first time the cluster starts.
 //! Every node holds the meta group (volume records), as a voter or as a learner.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,7 +213,15 @@ pub struct Cluster {
     opener: GroupOpener,
     /// When each group last had a leader as this node knows it (for [`Cluster::retire`]).
     led_at: Vec<Mutex<std::time::Instant>>,
+    /// Fencing generations of the `local` volumes this node is home to, mirrored from
+    /// RocksDB (under [`LOCAL_FENCES`]). Writes hold it shared from their fence check to
+    /// their completion, a fence raise exclusively: once a raise returns, no older write is
+    /// in flight or to come.
+    local_fences: tokio::sync::RwLock<HashMap<u64, u64>>,
 }
+
+/// The key space (a group id no group has) of the fences of local volumes.
+const LOCAL_FENCES: u32 = u32::MAX;
 
 /// What opening a group's Raft instance takes.
 struct GroupOpener {
@@ -274,6 +282,7 @@ impl Cluster {
         }
         let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
         let led_at = (0..=cfg.groups).map(|_| Mutex::new(std::time::Instant::now())).collect();
+        let local_fences = opener.meta.fences(LOCAL_FENCES)?.into_iter().collect();
         let c = Arc::new(Self {
             scrubbed: Default::default(),
             cfg,
@@ -284,6 +293,7 @@ impl Cluster {
             committed,
             opener,
             led_at,
+            local_fences: tokio::sync::RwLock::new(local_fences),
             replacement: Arc::default(),
             retired: Mutex::default(),
         });
@@ -504,6 +514,10 @@ impl Cluster {
     /// that grows later reaches more groups), each through its leader. Returns once every
     /// group committed it.
     pub async fn fence_volume(&self, volume: u64, generation: u64) -> Result<()> {
+        let v = self.store.get(volume)?;
+        if !v.is_replicated() {
+            return self.fence_local(&v, generation).await;
+        }
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let op = GroupOp::Fence { volume, generation };
         let results =
@@ -855,6 +869,85 @@ impl Cluster {
         rx.await.map_err(|_| Error::Unavailable("read confirmation dropped".into()))?
     }
 
+    // ----- local volumes ----------------------------------------------------------------
+    //
+    // A `local` volume lives on its home node alone: its I/O is served from that node's chunk
+    // store, never through a Raft log. Durability is the single node's: an acknowledged FUA
+    // write, or one covered by an acknowledged flush, went through the store's barrier (data
+    // fdatasync, then the RocksDB WAL fsync) and survives `kill -9` and power loss of the
+    // home node; losing the node's disk loses the volume (that is the class's contract).
+
+    /// Refuses a request for a local volume that this node is not home to.
+    fn local_here(&self, v: &Volume) -> Result<()> {
+        let home = v.record().home;
+        if home == self.cfg.node_id {
+            Ok(())
+        } else {
+            Err(Error::Refused {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!("volume {} is local to node {home}, not this node", v.id),
+            })
+        }
+    }
+
+    /// The fence check of a write to a local volume; the guard is held until it completes.
+    async fn local_write_guard(
+        &self,
+        v: &Volume,
+        generation: u64,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, HashMap<u64, u64>>> {
+        self.local_here(v)?;
+        let fences = self.local_fences.read().await;
+        let fence = fences.get(&v.id.0).copied().unwrap_or(0);
+        if generation < fence {
+            return Err(Error::Refused {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!(
+                    "volume {} was attached elsewhere: writes of generation {generation} are \
+                     fenced off (current generation {fence})",
+                    v.id
+                ),
+            });
+        }
+        Ok(fences)
+    }
+
+    /// Raises a local volume's fence on its home node (asked there if this is another).
+    async fn fence_local(&self, v: &Volume, generation: u64) -> Result<()> {
+        let home = v.record().home;
+        if home != self.cfg.node_id {
+            let addr = self
+                .address_of(home)
+                .ok_or_else(|| Error::Unavailable(format!("home node {home} unknown")))?;
+            let mut c =
+                tern_proto::v1::cluster_client::ClusterClient::connect(format!("http://{addr}"))
+                    .await
+                    .map_err(|e| Error::Unavailable(format!("home node {home}: {e}")))?;
+            let req = tern_proto::v1::FenceVolumeRequest { volume_id: v.id.0, generation };
+            c.fence_volume(req)
+                .await
+                .map_err(|s| Error::Unavailable(format!("home node {home}: {}", s.message())))?;
+            return Ok(());
+        }
+        // Exclusive: writes of older generations in flight finish first.
+        let mut fences = self.local_fences.write().await;
+        if fences.get(&v.id.0).copied().unwrap_or(0) < generation {
+            // Durable before it counts: the old host must stay fenced after a crash.
+            self.opener.meta.put_fence(LOCAL_FENCES, v.id.0, generation)?;
+            self.opener.meta.sync_wal()?;
+            fences.insert(v.id.0, generation);
+        }
+        tracing::info!(volume = v.id.0, generation, "local volume fenced");
+        Ok(())
+    }
+
+    /// A flush of a local volume: the home node's barrier (covering every write it
+    /// completed, on any connection).
+    pub async fn flush_local(&self, v: &Volume) -> Result<()> {
+        self.local_here(v)?;
+        self.store.barrier().await
+    }
+
     /// Checks a request against the volume as this node knows it; returns its group.
     fn check(&self, v: &Volume, offset: u64, len: u64, write: bool) -> Result<u32> {
         if !v.is_replicated() {
@@ -887,6 +980,10 @@ impl Cluster {
         if len > tern_common::MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: tern_common::MAX_IO_SIZE });
         }
+        if !v.is_replicated() {
+            let _fence = self.local_write_guard(v, generation).await?;
+            return self.store.write(v, offset, data, fua).await;
+        }
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
@@ -907,6 +1004,10 @@ impl Cluster {
         generation: u64,
         epoch: u64,
     ) -> Result<()> {
+        if !v.is_replicated() {
+            let _fence = self.local_write_guard(v, generation).await?;
+            return self.store.write_zeroes(v, offset, len, punch, fua).await;
+        }
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
@@ -925,6 +1026,10 @@ impl Cluster {
         generation: u64,
         epoch: u64,
     ) -> Result<()> {
+        if !v.is_replicated() {
+            let _fence = self.local_write_guard(v, generation).await?;
+            return self.store.trim(v, offset, len, fua).await;
+        }
         let group = self.check(v, offset, len, true)?;
         if self.cfg.unsafe_no_replication {
             self.linearize(group).await?;
@@ -951,6 +1056,13 @@ impl Cluster {
     pub async fn read(&self, v: &Volume, offset: u64, len: u64, epoch: u64) -> Result<Bytes> {
         if len > tern_common::MAX_IO_SIZE {
             return Err(Error::TooLarge { len, max: tern_common::MAX_IO_SIZE });
+        }
+        if !v.is_replicated() {
+            self.local_here(v)?;
+            if epoch != 0 {
+                return Err(Error::LocalSnapshot(v.id.0));
+            }
+            return self.store.read(v, offset, len).await;
         }
         let group = self.check(v, offset, len, false)?;
         self.linearize(group).await?;
@@ -1094,6 +1206,13 @@ impl Cluster {
         len: u64,
         epoch: u64,
     ) -> Result<Vec<(u64, crate::meta::Entry)>> {
+        if !v.is_replicated() {
+            self.local_here(v)?;
+            if epoch != 0 {
+                return Err(Error::LocalSnapshot(v.id.0));
+            }
+            return self.store.block_status(v, offset, len).await;
+        }
         // Clip to the chunk: the frontend asks one chunk at a time.
         let clipped = len.min(CHUNK_SIZE - offset % CHUNK_SIZE);
         let group = self.check(v, offset, clipped, false)?;

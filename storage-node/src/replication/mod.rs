@@ -126,6 +126,17 @@ pub enum Cmd {
     DeleteVolume {
         id: u64,
     },
+    /// Creates a `local` volume held by node `home` alone (its I/O never goes through a
+    /// Raft log; the record is the cluster's, so every node can tell where it lives).
+    CreateLocalVolume {
+        name: String,
+        size: u64,
+        read_only: bool,
+        tenant: String,
+        labels: BTreeMap<String, String>,
+        created_at: u64,
+        home: u64,
+    },
 }
 
 impl Cmd {
@@ -143,6 +154,7 @@ impl Cmd {
             | Cmd::Flatten { .. } => true,
             // Volume records are small and rare: always durable.
             Cmd::CreateVolume { .. }
+            | Cmd::CreateLocalVolume { .. }
             | Cmd::ResizeVolume { .. }
             | Cmd::SetReadOnly { .. }
             | Cmd::ClearParent { .. }

@@ -322,9 +322,36 @@ impl StateMachine {
             | Cmd::Rollback { .. }
             | Cmd::Flatten { .. } => Ok(()),
             Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at, parent } => {
-                return self
-                    .create_volume(index, name, size, read_only, tenant, labels, created_at, parent)
-                    .await
+                let new = NewVolume {
+                    id: Some(index),
+                    name,
+                    size,
+                    read_only,
+                    storage_class: "replicated".into(),
+                    created_at: Some(created_at),
+                    tenant,
+                    labels,
+                    parent,
+                    placement: 0,
+                    home: 0,
+                };
+                return self.create_volume(index, new).await;
+            }
+            Cmd::CreateLocalVolume { name, size, read_only, tenant, labels, created_at, home } => {
+                let new = NewVolume {
+                    id: Some(index),
+                    name,
+                    size,
+                    read_only,
+                    storage_class: "local".into(),
+                    created_at: Some(created_at),
+                    tenant,
+                    labels,
+                    parent: None,
+                    placement: 0,
+                    home,
+                };
+                return self.create_volume(index, new).await;
             }
             Cmd::ClearParent { id } => match self.store.get(id) {
                 Ok(v) => self.store.clear_parent(&v).await,
@@ -400,38 +427,19 @@ impl StateMachine {
     async fn create_volume(
         &mut self,
         index: u64,
-        name: String,
-        size: u64,
-        read_only: bool,
-        tenant: String,
-        labels: std::collections::BTreeMap<String, String>,
-        created_at: u64,
-        parent: Option<crate::meta::Parent>,
+        mut new: NewVolume,
     ) -> Result<Reply, StorageError> {
         // Re-applied after a restart: it exists, or it was created and deleted since.
         if self.store.get(index).is_ok() || index < self.meta.next_volume_id().map_err(sm_err)? {
             return Ok(Reply::Volume(index));
         }
         // A clone's chunks share chunk groups with its parent's.
-        let placement = match parent {
-            None => 0,
-            Some(p) => match self.store.get(p.volume) {
-                Ok(pv) => pv.record().placement(),
+        if let Some(p) = new.parent {
+            match self.store.get(p.volume) {
+                Ok(pv) => new.placement = pv.record().placement(),
                 Err(e) => return refuse_or_fail(e),
-            },
-        };
-        let new = NewVolume {
-            id: Some(index),
-            name,
-            size,
-            read_only,
-            storage_class: "replicated".into(),
-            created_at: Some(created_at),
-            tenant,
-            labels,
-            parent,
-            placement,
-        };
+            }
+        }
         match self.store.create_volume(new).await {
             Ok(_) => {
                 self.volume_created.notify_waiters();
@@ -589,6 +597,7 @@ impl StateMachine {
                         labels: rec.labels,
                         parent: rec.parent,
                         placement: rec.placement,
+                        home: rec.home,
                     };
                     self.store.create_volume(new).await.map_err(sm_err)?;
                     self.volume_created.notify_waiters();
