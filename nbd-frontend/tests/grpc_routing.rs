@@ -206,6 +206,12 @@ impl Cluster for Fake {
     ) -> Result<Response<v1::VolumeUsageReply>, Status> {
         unimplemented()
     }
+    async fn truncate_volume(
+        &self,
+        _: Request<v1::TruncateVolumeRequest>,
+    ) -> Result<Response<v1::TruncateVolumeReply>, Status> {
+        unimplemented()
+    }
 }
 
 type IoStream =

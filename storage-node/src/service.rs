@@ -234,8 +234,19 @@ impl Service {
             return Ok(v);
         };
         tern_common::validate_volume_size(r.size_bytes)?;
-        if r.size_bytes < v.record().size {
-            return Err(Error::Unsupported("shrinking a replicated volume (not built yet)"));
+        let from = v.record().size;
+        if r.size_bytes < from {
+            if !r.allow_shrink {
+                return Err(Error::ShrinkRefused { volume: v.id, from, to: r.size_bytes });
+            }
+            // The blocks past the new end go first, through each group's log (after every
+            // write before): no replica keeps any, whatever the order it applies the groups'
+            // and the meta group's entries in. (The volume manager detached and fenced the
+            // volume, so no write comes meanwhile.) A local volume's are discarded on its
+            // home node when the record shrinks.
+            if v.is_replicated() {
+                c.truncate_volume(v.id.0, r.size_bytes).await?;
+            }
         }
         self.propose_meta(c, Cmd::ResizeVolume { id: v.id.0, size: r.size_bytes }).await?;
         Ok(v)
@@ -762,6 +773,19 @@ impl cluster_server::Cluster for Service {
             .map(|(offset, length, zero)| v1::ChangedExtent { offset, length, zero })
             .collect();
         Ok(Response::new(v1::VolumeChangesReply { extents }))
+    }
+
+    async fn truncate_volume(
+        &self,
+        req: Request<v1::TruncateVolumeRequest>,
+    ) -> Result<Response<v1::TruncateVolumeReply>, Status> {
+        let c = self.cluster_or_refuse()?;
+        let r = req.into_inner();
+        match r.group {
+            Some(g) => c.truncate_group(g, r.volume_id, r.size_bytes).await?,
+            None => c.truncate_volume(r.volume_id, r.size_bytes).await?,
+        }
+        Ok(Response::new(v1::TruncateVolumeReply {}))
     }
 
     async fn volume_usage(

@@ -452,6 +452,24 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Sets a volume's size without touching its blocks (a replicated volume's chunks are
+    /// truncated through their groups' logs; see `Cmd::Truncate`).
+    pub async fn set_size(&self, v: &Arc<Volume>, size: u64) -> Result<()> {
+        validate_volume_size(size)?;
+        let _admin = self.admin.lock().await;
+        let gate = v.gate.write().await;
+        if *gate {
+            return Err(Error::VolumeDeleted(v.id));
+        }
+        let mut rec = v.record();
+        rec.size = size;
+        self.meta.put_volume(&rec, None)?;
+        *v.record.write() = rec;
+        drop(gate);
+        tracing::info!(volume = v.id.0, size, "volume resized");
+        Ok(())
+    }
+
     /// Forgets a clone's parent (after `copy_up` copied every inherited block).
     pub async fn clear_parent(&self, v: &Arc<Volume>) -> Result<()> {
         let _admin = self.admin.lock().await;

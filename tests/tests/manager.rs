@@ -525,3 +525,31 @@ fn a_local_volume_lives_on_one_node() {
         node_field(v, 2, "used_bytes") == 0
     });
 }
+
+/// Shrinking a replicated volume: refused without `--allow-shrink` and while snapshots hold
+/// its blocks; forced, the blocks past the new end go from every replica (grown back, that
+/// range reads as zeros), the rest stays.
+#[test]
+fn a_forced_shrink_discards_the_tail_on_every_replica() {
+    let (m, c) = deployment("10");
+    m.must_tern(&["volume", "create", "s", "--size", "1G"]);
+    let uri = c.uri("s");
+    qemu_io(&uri, &["write -P 0x21 0 1M".into(), "write -P 0x22 700M 1M".into()]);
+
+    let o = m.tern(&["volume", "resize", "s", "512M"]);
+    assert!(!o.status.success() && text(&o).contains("allow"), "{}", text(&o));
+    m.must_tern(&["snapshot", "create", "s", "keep"]);
+    let o = m.tern(&["volume", "resize", "s", "512M", "--allow-shrink"]);
+    assert!(!o.status.success() && text(&o).contains("snapshots"), "{}", text(&o));
+    m.must_tern(&["snapshot", "delete", "s", "keep", "--wait"]);
+
+    m.must_tern(&["volume", "resize", "s", "512M", "--allow-shrink"]);
+    let v = m.json(&["volume", "get", "s"]);
+    assert_eq!(v["size_bytes"], 512u64 << 20, "{v}");
+    let o = tern_tests::run(60, "qemu-io", &["-f", "raw", "-c", "read 700M 1M", &uri]);
+    assert!(!o.status.success() || text(&o).contains("error"), "read past the end\n{}", text(&o));
+
+    m.must_tern(&["volume", "resize", "s", "1G"]);
+    qemu_io(&uri, &["read -P 0x21 0 1M".into(), "read -P 0 700M 1M".into()]);
+    c.wait_replicas_agree(Duration::from_secs(30));
+}

@@ -422,6 +422,23 @@ impl Manager {
                 v.name, v.size, req.size_bytes
             )));
         }
+        if req.size_bytes < v.size {
+            // Blocks past the new end go: no snapshot may hold them, and no host may write
+            // meanwhile (detached, and a new generation fences off any that still writes).
+            if let Some(s) = self.state.read().snapshots_of(v.id).next() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {:?} has snapshots (e.g. {:?}): delete them before shrinking it",
+                    v.name, s.name
+                )));
+            }
+            let Reply::Generation(generation) =
+                self.propose(Cmd::NextGeneration { volume_id: v.id }).await?
+            else {
+                return Err(Status::internal("unexpected reply to a generation change"));
+            };
+            storage::fence_volume(&self.storage_addresses(), v.id, generation).await?;
+            tracing::info!(volume = %v.name, generation, "fenced for a shrink");
+        }
         let by_id = v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(v.id)) };
         let wire = v1::ResizeVolumeRequest { volume: Some(by_id), ..req.clone() };
         let made = storage::resize_volume(&self.storage_addresses(), wire).await?;

@@ -1267,6 +1267,31 @@ impl Cluster {
         Self::done(self.propose(group, cmd).await?)
     }
 
+    /// Discards `volume`'s blocks from `size` on in every data group, each through its
+    /// leader (`Cmd::Truncate`); returns once every group committed it.
+    pub async fn truncate_volume(&self, volume: u64, size: u64) -> Result<()> {
+        let op = GroupOp::Truncate { volume, size };
+        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
+        let results =
+            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
+        for (g, r) in groups.iter().zip(results) {
+            r.map_err(|e| match e {
+                Error::Refused { .. } => e,
+                e => Error::Unavailable(format!("truncating volume {volume} in group {g}: {e}")),
+            })?;
+        }
+        tracing::info!(volume, size, "volume truncated in every group");
+        Ok(())
+    }
+
+    /// On `group`'s leader: commits the truncation in the group's log.
+    pub async fn truncate_group(&self, group: u32, volume: u64, size: u64) -> Result<()> {
+        if group == META_GROUP || group > self.cfg.groups {
+            return Err(Error::NoSuchGroup(group));
+        }
+        Self::done(self.propose(group, Cmd::Truncate { volume, size }).await?)
+    }
+
     /// The ranges of `volume` that differ between epochs `from` and `to` (see
     /// `Cluster.VolumeChanges`), from every group's leader, in offset order.
     pub async fn volume_changes(
@@ -1421,6 +1446,9 @@ impl Cluster {
                 .change_replica(group, old, new, member.clone())
                 .await
                 .map(|()| GroupAnswer::Done),
+            GroupOp::Truncate { volume, size } => {
+                self.truncate_group(group, volume, size).await.map(|()| GroupAnswer::Done)
+            }
         }
     }
 }
@@ -1468,6 +1496,7 @@ enum GroupOp {
     Changes { volume: u64, from: u64, to: u64 },
     Usage { volume: u64 },
     ChangeReplica { old: u64, new: u64, member: Member },
+    Truncate { volume: u64, size: u64 },
 }
 
 enum GroupAnswer {
@@ -1533,6 +1562,15 @@ async fn remote_group_op(addr: &str, group: u32, op: &GroupOp) -> Result<GroupAn
                 head_only: r.head_only_bytes / BS,
                 exclusive: r.exclusive.into_iter().map(|e| (e.epoch, e.bytes / BS)).collect(),
             }))
+        }
+        GroupOp::Truncate { volume, size } => {
+            let req = v1::TruncateVolumeRequest {
+                volume_id: volume,
+                size_bytes: size,
+                group: Some(group),
+            };
+            c.truncate_volume(req).await.map_err(status)?;
+            Ok(GroupAnswer::Done)
         }
         GroupOp::ChangeReplica { old, new, ref member } => {
             let req = v1::ChangeReplicaRequest {

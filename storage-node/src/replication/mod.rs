@@ -99,6 +99,12 @@ pub enum Cmd {
     Flatten {
         volume: u64,
     },
+    /// Discards the volume's blocks from `size` on in this group's chunks (the first step of
+    /// a shrink). Refused while the group holds snapshots of the volume.
+    Truncate {
+        volume: u64,
+        size: u64,
+    },
     // ----- the meta group -----
     /// Creates a volume whose id is this entry's log index (the same on every replica).
     CreateVolume {
@@ -151,7 +157,8 @@ impl Cmd {
             Cmd::Snapshot { .. }
             | Cmd::DeleteSnapshot { .. }
             | Cmd::Rollback { .. }
-            | Cmd::Flatten { .. } => true,
+            | Cmd::Flatten { .. }
+            | Cmd::Truncate { .. } => true,
             // Volume records are small and rare: always durable.
             Cmd::CreateVolume { .. }
             | Cmd::CreateLocalVolume { .. }

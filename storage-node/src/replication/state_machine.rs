@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError, StoredMembership};
-use tern_common::{validate_volume_size, BLOCK_SIZE, META_GROUP};
+use tern_common::{validate_volume_size, BLOCK_SIZE, CHUNK_SIZE, META_GROUP};
 use tokio::sync::Notify;
 
 use super::snapshot::{self, Record, SnapshotFile};
@@ -293,6 +293,7 @@ impl StateMachine {
             }
             Cmd::Rollback { volume, epoch } => return self.rollback(*volume, *epoch).await,
             Cmd::Flatten { volume } => return self.flatten(*volume).await,
+            Cmd::Truncate { volume, size } => return self.truncate(*volume, *size).await,
             _ => {}
         }
         let at = match &written {
@@ -320,7 +321,8 @@ impl StateMachine {
             | Cmd::Snapshot { .. }
             | Cmd::DeleteSnapshot { .. }
             | Cmd::Rollback { .. }
-            | Cmd::Flatten { .. } => Ok(()),
+            | Cmd::Flatten { .. }
+            | Cmd::Truncate { .. } => Ok(()),
             Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at, parent } => {
                 let new = NewVolume {
                     id: Some(index),
@@ -359,7 +361,11 @@ impl StateMachine {
             },
             Cmd::ResizeVolume { id, size } => match self.store.get(id) {
                 Ok(v) => match validate_volume_size(size) {
-                    Ok(()) => self.store.resize_volume(&v, size, false).await,
+                    // A replicated volume's chunks were truncated through their own groups'
+                    // logs before its record shrinks (`Cmd::Truncate`): only the size changes.
+                    Ok(()) if v.is_replicated() => self.store.set_size(&v, size).await,
+                    // A local volume's data is on its home node: discarded there.
+                    Ok(()) => self.store.resize_volume(&v, size, true).await,
                     Err(e) => Err(e.into()),
                 },
                 Err(e) => Err(e),
@@ -420,6 +426,32 @@ impl StateMachine {
         let chunks: Vec<u32> =
             snapshot::group_chunks(&v.record(), self.group, self.groups).collect();
         self.store.copy_up(&v, &chunks, &state).await.map_err(sm_err)?;
+        Ok(Reply::Done)
+    }
+
+    /// Discards the volume's blocks from `size` on in this group's chunks: whole chunks are
+    /// wiped, the one `size` falls in is trimmed from there. Every replica decides the same
+    /// (the epoch state is the log's).
+    async fn truncate(&mut self, volume: u64, size: u64) -> Result<Reply, StorageError> {
+        let Some(v) = self.volume(volume).await? else { return Ok(Reply::Done) };
+        let live = self.epochs.lock().get(&volume).is_some_and(|e| !e.snapshots.is_empty());
+        if live {
+            return Ok(Reply::Refused {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!("volume {volume} has snapshots: delete them before shrinking"),
+            });
+        }
+        let rec = v.record();
+        for chunk in snapshot::group_chunks(&rec, self.group, self.groups) {
+            let start = u64::from(chunk) * CHUNK_SIZE;
+            let end = (start + CHUNK_SIZE).min(rec.size);
+            if start >= size {
+                self.wipe_chunk(&v, chunk).await?;
+            } else if end > size {
+                let head = crate::store::head_at();
+                self.store.apply_trim(&v, size, end - size, head).await.map_err(sm_err)?;
+            }
+        }
         Ok(Reply::Done)
     }
 
