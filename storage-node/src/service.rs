@@ -240,12 +240,12 @@ impl Service {
                 return Err(Error::ShrinkRefused { volume: v.id, from, to: r.size_bytes });
             }
             // The blocks past the new end go first, through each group's log (after every
-            // write before): no replica keeps any, whatever the order it applies the groups'
-            // and the meta group's entries in. (The volume manager detached and fenced the
+            // write before), each replica discarding up to the size the shrink began from
+            // (it may have applied the meta group's shrink first). (The volume manager detached and fenced the
             // volume, so no write comes meanwhile.) A local volume's are discarded on its
             // home node when the record shrinks.
             if v.is_replicated() {
-                c.truncate_volume(v.id.0, r.size_bytes).await?;
+                c.truncate_volume(v.id.0, r.size_bytes, from).await?;
             }
         }
         self.propose_meta(c, Cmd::ResizeVolume { id: v.id.0, size: r.size_bytes }).await?;
@@ -662,6 +662,8 @@ impl cluster_server::Cluster for Service {
                 term: g.term,
                 voters: g.voters,
                 voters_committed: g.voters_committed,
+                membership_index: g.membership_index,
+                nodes: g.nodes,
             })
             .collect();
         Ok(Response::new(v1::ClusterMap {
@@ -782,8 +784,8 @@ impl cluster_server::Cluster for Service {
         let c = self.cluster_or_refuse()?;
         let r = req.into_inner();
         match r.group {
-            Some(g) => c.truncate_group(g, r.volume_id, r.size_bytes).await?,
-            None => c.truncate_volume(r.volume_id, r.size_bytes).await?,
+            Some(g) => c.truncate_group(g, r.volume_id, r.size_bytes, r.from_size).await?,
+            None => c.truncate_volume(r.volume_id, r.size_bytes, r.from_size).await?,
         }
         Ok(Response::new(v1::TruncateVolumeReply {}))
     }

@@ -531,7 +531,7 @@ fn a_local_volume_lives_on_one_node() {
 /// range reads as zeros), the rest stays.
 #[test]
 fn a_forced_shrink_discards_the_tail_on_every_replica() {
-    let (m, c) = deployment("10");
+    let (m, mut c) = deployment("10");
     m.must_tern(&["volume", "create", "s", "--size", "1G"]);
     let uri = c.uri("s");
     qemu_io(&uri, &["write -P 0x21 0 1M".into(), "write -P 0x22 700M 1M".into()]);
@@ -551,5 +551,17 @@ fn a_forced_shrink_discards_the_tail_on_every_replica() {
 
     m.must_tern(&["volume", "resize", "s", "1G"]);
     qemu_io(&uri, &["read -P 0x21 0 1M".into(), "read -P 0 700M 1M".into()]);
+
+    // A clone's discarded tail does not show its parent's blocks once grown back. (The
+    // shrink fenced the volume: writes now need an attachment, as a host has.)
+    let hv1 = c.start_another_frontend("hv1", &["--manager", &m.endpoints(), "--host", "hv1"]);
+    qemu_io(&format!("nbd://{hv1}/s"), &["write -P 0x23 700M 1M".into()]);
+    m.must_tern(&["snapshot", "create", "s", "base"]);
+    m.must_tern(&["snapshot", "clone", "s", "base", "k"]);
+    let k = c.uri("k");
+    qemu_io(&k, &["read -P 0x23 700M 1M".into()]);
+    m.must_tern(&["volume", "resize", "k", "512M", "--allow-shrink"]);
+    m.must_tern(&["volume", "resize", "k", "1G"]);
+    qemu_io(&k, &["read -P 0x21 0 1M".into(), "read -P 0 700M 1M".into()]);
     c.wait_replicas_agree(Duration::from_secs(30));
 }

@@ -122,21 +122,28 @@ pub async fn keep_cluster_whole(m: Arc<Manager>, replace_after: Duration) {
             drive_move(&m, &cluster.members, &nodes, &mv).await;
             continue;
         }
-        let free: BTreeMap<u64, u64> = {
+        // Free space picks where a lost node's replicas go. Rebalancing weighs by capacity:
+        // the moves themselves change free space (by the data moved, and a retired replica
+        // frees its space only later), so weighing by it would move groups back and forth.
+        let (free, capacity): (BTreeMap<u64, u64>, BTreeMap<u64, u64>) = {
             let seen = m.seen.lock();
-            seen.iter().map(|(id, s)| (*id, s.capacity.saturating_sub(s.used))).collect()
+            (
+                seen.iter().map(|(id, s)| (*id, s.capacity.saturating_sub(s.used))).collect(),
+                seen.iter().map(|(id, s)| (*id, s.capacity)).collect(),
+            )
         };
-        let candidates = |dc: &str, not: u64| -> Vec<Candidate> {
+        let candidates_by = |dc: &str, not: u64, room: &BTreeMap<u64, u64>| -> Vec<Candidate> {
             nodes
                 .values()
                 .filter(|n| n.datacenter == dc && n.state == NodeState::Up && n.id != not)
                 .map(|n| Candidate {
                     id: n.id,
                     datacenter: n.datacenter.clone(),
-                    free_bytes: free.get(&n.id).copied().unwrap_or(0),
+                    free_bytes: room.get(&n.id).copied().unwrap_or(0),
                 })
                 .collect()
         };
+        let candidates = |dc: &str, not: u64| candidates_by(dc, not, &free);
         let wanted = cluster.members.iter().find_map(|id| {
             let n = nodes.get(id)?;
             match n.state {
@@ -176,7 +183,9 @@ pub async fn keep_cluster_whole(m: Arc<Manager>, replace_after: Duration) {
             }
             let dcs: std::collections::BTreeSet<&str> =
                 nodes.values().map(|n| n.datacenter.as_str()).collect();
-            let step = dcs.into_iter().find_map(|dc| rebalance(&cluster, &candidates(dc, 0)));
+            let step = dcs
+                .into_iter()
+                .find_map(|dc| rebalance(&cluster, &candidates_by(dc, 0, &capacity)));
             let Some((old, new, groups)) = step else { continue };
             Move { old, new, reason: MoveReason::Rebalance, started_at: now_secs(), groups }
         };
@@ -187,8 +196,9 @@ pub async fn keep_cluster_whole(m: Arc<Manager>, replace_after: Duration) {
     }
 }
 
-/// One rebalancing step among `nodes` (the nodes up in one datacenter): the groups that
-/// should move from the node with the most replicas per free byte to the one with the fewest,
+/// One rebalancing step among `nodes` (the nodes up in one datacenter, `free_bytes` being
+/// the room they weigh by: their capacity): the groups that should move from the node with
+/// the most replicas per byte of room to the one with the fewest,
 /// so that neither ends up fuller than the other was; `None` when the shares are even.
 pub fn rebalance(cluster: &StorageCluster, nodes: &[Candidate]) -> Option<(u64, u64, Vec<u32>)> {
     if nodes.len() < 2 {

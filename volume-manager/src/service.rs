@@ -1149,12 +1149,22 @@ impl v1::manager_server::Manager for Service {
         if r.host.is_empty() {
             return Err(Status::invalid_argument("an attachment needs a host"));
         }
-        m.linearize().await?;
-        let v = m.find_volume(r.volume.as_ref())?;
-        let cmd =
-            Cmd::Attach { volume_id: v.id, host: r.host, takeover: r.takeover, now: now_secs() };
-        let Reply::Attachment(a) = m.propose(cmd).await? else {
-            return Err(Status::internal("unexpected reply to an attach"));
+        // Not while a shrink or a rollback changes the volume's blocks (they hold the admin
+        // lock throughout, detached and fenced): the attachment waits for the result.
+        let (v, a) = {
+            let _admin = m.admin.lock().await;
+            m.linearize().await?;
+            let v = m.find_volume(r.volume.as_ref())?;
+            let cmd = Cmd::Attach {
+                volume_id: v.id,
+                host: r.host,
+                takeover: r.takeover,
+                now: now_secs(),
+            };
+            let Reply::Attachment(a) = m.propose(cmd).await? else {
+                return Err(Status::internal("unexpected reply to an attach"));
+            };
+            (v, a)
         };
         // The attachment is only handed out once every chunk group refuses older
         // generations: the previous host can no longer change the volume. (Again for an

@@ -142,7 +142,7 @@ impl GroupOpener {
         group: u32,
         store: &Arc<ChunkStore>,
         transport: &Arc<Transport>,
-    ) -> anyhow::Result<(Raft, Arc<std::sync::atomic::AtomicU64>)> {
+    ) -> anyhow::Result<GroupSlot> {
         let log = LogStore::new(group, self.meta.clone(), store.clone());
         let committed = log.committed();
         let sm = StateMachine::open(
@@ -154,9 +154,18 @@ impl GroupOpener {
             transport.epochs[group as usize].clone(),
         )?;
         sm.resume_collects();
+        let gate = sm.retire_gate();
         let net = GroupNetworkFactory { group, transport: transport.clone() };
-        Ok((Raft::new(cfg.node_id, self.config.clone(), net, log, sm).await?, committed))
+        let raft = Raft::new(cfg.node_id, self.config.clone(), net, log, sm).await?;
+        Ok(GroupSlot { raft, committed, gate })
     }
+}
+
+/// A group's Raft instance and what the node keeps beside it.
+struct GroupSlot {
+    raft: Raft,
+    committed: Arc<std::sync::atomic::AtomicU64>,
+    gate: Arc<super::state_machine::RetireGate>,
 }
 
 /// Batches linearizable-read confirmations of one group: reads arriving while a round runs
@@ -178,6 +187,9 @@ pub struct GroupState {
     pub held: bool,
     /// This node holds a replica and knows its membership to be committed.
     pub voters_committed: bool,
+    /// The log index of the membership this node knows (0: none), and all its nodes.
+    pub membership_index: u64,
+    pub nodes: Vec<u64>,
 }
 
 /// Progress of a node replacement driven from this node.
@@ -213,6 +225,8 @@ pub struct Cluster {
     opener: GroupOpener,
     /// When each group last had a leader as this node knows it (for [`Cluster::retire`]).
     led_at: Vec<Mutex<std::time::Instant>>,
+    /// Each group's state machine gate (closed when the replica retires).
+    gates: Vec<parking_lot::RwLock<Arc<super::state_machine::RetireGate>>>,
     /// Fencing generations of the `local` volumes this node is home to, mirrored from
     /// RocksDB (under [`LOCAL_FENCES`]). Writes hold it shared from their fence check to
     /// their completion, a fence raise exclusively: once a raise returns, no older write is
@@ -275,10 +289,12 @@ impl Cluster {
         let opener = GroupOpener { config, meta, created: Arc::new(Notify::new()) };
         let mut rafts = Vec::new();
         let mut committed = Vec::new();
+        let mut gates = Vec::new();
         for group in 0..=cfg.groups {
-            let (raft, c) = opener.open(&cfg, group, &store, &transport).await?;
-            rafts.push(parking_lot::RwLock::new(raft));
-            committed.push(parking_lot::RwLock::new(c));
+            let slot = opener.open(&cfg, group, &store, &transport).await?;
+            rafts.push(parking_lot::RwLock::new(slot.raft));
+            committed.push(parking_lot::RwLock::new(slot.committed));
+            gates.push(parking_lot::RwLock::new(slot.gate));
         }
         let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
         let led_at = (0..=cfg.groups).map(|_| Mutex::new(std::time::Instant::now())).collect();
@@ -293,6 +309,7 @@ impl Cluster {
             committed,
             opener,
             led_at,
+            gates,
             local_fences: tokio::sync::RwLock::new(local_fences),
             replacement: Arc::default(),
             retired: Mutex::default(),
@@ -583,9 +600,6 @@ impl Cluster {
             // Moved already, or never here (placement puts each group on some nodes only).
             return Ok(());
         }
-        if old != 0 {
-            self.retired.lock().insert(old);
-        }
         if old == 0 {
             // Only make `new` a learner (of the meta group, before it takes data groups:
             // applying their entries needs the volume records).
@@ -604,15 +618,12 @@ impl Cluster {
             raft.change_membership(ChangeMembers::RemoveNodes([old].into()), false)
                 .await
                 .map_err(map(group))?;
+            self.retired.lock().insert(old);
             tracing::info!(group, old, new, "learner replaced");
             return Ok(());
         }
-        if voters.contains(&new) {
-            return Err(Error::Refused {
-                code: tonic::Code::FailedPrecondition as i32,
-                message: format!("node {new} holds a replica of group {group} already"),
-            });
-        }
+        // `old` and `new` both voters: a change interrupted in joint consensus (by a leader
+        // change); replacing all voters below finishes it.
         if !holds(new) {
             raft.add_learner(new, member, true).await.map_err(map(group))?;
         }
@@ -622,6 +633,7 @@ impl Cluster {
         raft.change_membership(ChangeMembers::ReplaceAllVoters(next), false)
             .await
             .map_err(map(group))?;
+        self.retired.lock().insert(old);
         tracing::info!(group, old, new, "replica moved");
         Ok(())
     }
@@ -629,10 +641,13 @@ impl Cluster {
     /// Retires the replicas this node holds of groups that moved elsewhere. A replica moved
     /// off a group does not always hear of it (the leader stops sending to it once the new
     /// membership is in its log): it keeps its old membership, campaigns in vain (its log is
-    /// behind, so no voter grants it), and its chunks hold space. So every few seconds each
-    /// group this node is a voter of by its own word, but has had no leader for a while, is
-    /// checked with the group's other voters: once its leader reports a committed membership
-    /// without this node, the replica retires ([`Cluster::retire`]).
+    /// behind, so no voter grants it), and its chunks hold space. One that did hear of it
+    /// (it led the change, or applied it) sees a membership without itself. So every few
+    /// seconds each group this node is a voter of by its own word but has had no leader for a
+    /// while, and each group whose membership here leaves this node out, is checked with the
+    /// nodes of that membership: once the group's leader reports a committed membership
+    /// newer than the one known here and without this node, the replica retires
+    /// ([`Cluster::retire`]). A learner (of the meta group) is left alone.
     async fn retire_moved_replicas(self: Arc<Self>) {
         const CHECK_EVERY: Duration = Duration::from_secs(2);
         const LEADERLESS_FOR: Duration = Duration::from_secs(6);
@@ -641,13 +656,28 @@ impl Cluster {
             for g in 0..self.rafts.len() {
                 let group = g as u32;
                 let Some(raft) = self.raft(group) else { continue };
-                let (voter, leader, voters) = {
+                let (voter, present, leader, nodes, index) = {
                     let m = raft.metrics();
                     let m = m.borrow();
-                    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-                    (voters.contains(&self.cfg.node_id), m.current_leader, voters)
+                    let membership = m.membership_config.membership();
+                    let nodes: Vec<u64> = membership.nodes().map(|(n, _)| *n).collect();
+                    let me = self.cfg.node_id;
+                    (
+                        membership.voter_ids().any(|v| v == me),
+                        nodes.contains(&me),
+                        m.current_leader,
+                        nodes,
+                        m.membership_config.log_id().map_or(0, |l| l.index),
+                    )
                 };
-                if !voter || leader.is_some() {
+                let suspect = if voter {
+                    leader.is_none()
+                } else {
+                    // Initialized here, but without this node: moved off (or a learner
+                    // being added back, which the leader's answer tells).
+                    !present && !nodes.is_empty()
+                };
+                if !suspect {
                     *self.led_at[g].lock() = std::time::Instant::now();
                     continue;
                 }
@@ -655,7 +685,9 @@ impl Cluster {
                     continue;
                 }
                 *self.led_at[g].lock() = std::time::Instant::now();
-                if self.moved_off(group, &voters).await {
+                // This node's own membership (if it is in it) must be older than the leader's.
+                let newer_than = if present { index + 1 } else { index };
+                if self.moved_off(group, &nodes, newer_than).await {
                     if let Err(e) = self.retire(group).await {
                         tracing::error!(group, %e, "retiring a moved replica");
                     }
@@ -664,10 +696,11 @@ impl Cluster {
         }
     }
 
-    /// Whether the leader of `group`, found among `voters`, reports a committed membership
-    /// without this node.
-    async fn moved_off(&self, group: u32, voters: &[u64]) -> bool {
-        for &peer in voters.iter().filter(|&&p| p != self.cfg.node_id) {
+    /// Whether the leader of `group`, found among `nodes`, reports a committed membership at
+    /// log index `newer_than` or later that leaves this node out (as voter and as learner).
+    /// A stale leader (one cut off, still at an older membership) does not count.
+    async fn moved_off(&self, group: u32, nodes: &[u64], newer_than: u64) -> bool {
+        for &peer in nodes.iter().filter(|&&p| p != self.cfg.node_id) {
             let Some(addr) = self.address_of(peer) else { continue };
             let map = async {
                 let mut c = tern_proto::v1::cluster_client::ClusterClient::connect(format!(
@@ -683,7 +716,9 @@ impl Cluster {
             };
             let Some(g) = map.group_state.iter().find(|g| g.group == group) else { continue };
             if g.leader == map.self_id && g.leader != 0 {
-                return g.voters_committed && !g.voters.contains(&self.cfg.node_id);
+                return g.voters_committed
+                    && g.membership_index >= newer_than
+                    && !g.nodes.contains(&self.cfg.node_id);
             }
         }
         false
@@ -698,6 +733,11 @@ impl Cluster {
     async fn retire(&self, group: u32) -> anyhow::Result<()> {
         let old = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
         let _ = old.shutdown().await;
+        // The state machine worker outlives the shutdown: close its gate and wait out an
+        // apply under way, so nothing of the old replica is written after this.
+        let gate = self.gates[group as usize].read().clone();
+        gate.retired.store(true, std::sync::atomic::Ordering::Release);
+        drop(gate.busy.lock().await);
         self.opener.meta.forget_group(group)?;
         self.transport.epochs[group as usize].lock().clear();
         let mut wiped = 0u32;
@@ -713,10 +753,10 @@ impl Cluster {
                 }
             }
         }
-        let (raft, committed) =
-            self.opener.open(&self.cfg, group, &self.store, &self.transport).await?;
-        *self.rafts[group as usize].write() = raft;
-        *self.committed[group as usize].write() = committed;
+        let slot = self.opener.open(&self.cfg, group, &self.store, &self.transport).await?;
+        *self.rafts[group as usize].write() = slot.raft;
+        *self.committed[group as usize].write() = slot.committed;
+        *self.gates[group as usize].write() = slot.gate;
         tracing::info!(group, chunks = wiped, "retired this node's replica (moved elsewhere)");
         Ok(())
     }
@@ -748,6 +788,8 @@ impl Cluster {
                     voters,
                     held,
                     voters_committed,
+                    membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
+                    nodes: membership.nodes().map(|(n, _)| *n).collect(),
                 }
             })
             .collect()
@@ -1269,8 +1311,8 @@ impl Cluster {
 
     /// Discards `volume`'s blocks from `size` on in every data group, each through its
     /// leader (`Cmd::Truncate`); returns once every group committed it.
-    pub async fn truncate_volume(&self, volume: u64, size: u64) -> Result<()> {
-        let op = GroupOp::Truncate { volume, size };
+    pub async fn truncate_volume(&self, volume: u64, size: u64, from: u64) -> Result<()> {
+        let op = GroupOp::Truncate { volume, size, from };
         let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let results =
             futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
@@ -1285,11 +1327,17 @@ impl Cluster {
     }
 
     /// On `group`'s leader: commits the truncation in the group's log.
-    pub async fn truncate_group(&self, group: u32, volume: u64, size: u64) -> Result<()> {
+    pub async fn truncate_group(
+        &self,
+        group: u32,
+        volume: u64,
+        size: u64,
+        from: u64,
+    ) -> Result<()> {
         if group == META_GROUP || group > self.cfg.groups {
             return Err(Error::NoSuchGroup(group));
         }
-        Self::done(self.propose(group, Cmd::Truncate { volume, size }).await?)
+        Self::done(self.propose(group, Cmd::Truncate { volume, size, from }).await?)
     }
 
     /// The ranges of `volume` that differ between epochs `from` and `to` (see
@@ -1388,6 +1436,7 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut hint: Option<u64> = None;
         let mut attempt = 0usize;
+        let mut hops = 0u32;
         loop {
             let known = {
                 let m = raft.metrics();
@@ -1413,6 +1462,11 @@ impl Cluster {
             match r {
                 Err(Error::NotLeader { leader: Some(l), .. }) if !late && Some(l) != target => {
                     hint = Some(l);
+                    hops += 1;
+                    if hops.is_multiple_of(4) {
+                        // Nodes naming each other (an election settling): do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 Err(e @ (Error::Unavailable(_) | Error::NotLeader { .. })) if !late => {
                     tracing::debug!(group, ?op, "{e}; retrying");
@@ -1446,8 +1500,8 @@ impl Cluster {
                 .change_replica(group, old, new, member.clone())
                 .await
                 .map(|()| GroupAnswer::Done),
-            GroupOp::Truncate { volume, size } => {
-                self.truncate_group(group, volume, size).await.map(|()| GroupAnswer::Done)
+            GroupOp::Truncate { volume, size, from } => {
+                self.truncate_group(group, volume, size, from).await.map(|()| GroupAnswer::Done)
             }
         }
     }
@@ -1496,7 +1550,7 @@ enum GroupOp {
     Changes { volume: u64, from: u64, to: u64 },
     Usage { volume: u64 },
     ChangeReplica { old: u64, new: u64, member: Member },
-    Truncate { volume: u64, size: u64 },
+    Truncate { volume: u64, size: u64, from: u64 },
 }
 
 enum GroupAnswer {
@@ -1563,8 +1617,9 @@ async fn remote_group_op(addr: &str, group: u32, op: &GroupOp) -> Result<GroupAn
                 exclusive: r.exclusive.into_iter().map(|e| (e.epoch, e.bytes / BS)).collect(),
             }))
         }
-        GroupOp::Truncate { volume, size } => {
+        GroupOp::Truncate { volume, size, from } => {
             let req = v1::TruncateVolumeRequest {
+                from_size: from,
                 volume_id: volume,
                 size_bytes: size,
                 group: Some(group),

@@ -99,12 +99,6 @@ pub enum Cmd {
     Flatten {
         volume: u64,
     },
-    /// Discards the volume's blocks from `size` on in this group's chunks (the first step of
-    /// a shrink). Refused while the group holds snapshots of the volume.
-    Truncate {
-        volume: u64,
-        size: u64,
-    },
     // ----- the meta group -----
     /// Creates a volume whose id is this entry's log index (the same on every replica).
     CreateVolume {
@@ -132,6 +126,7 @@ pub enum Cmd {
     DeleteVolume {
         id: u64,
     },
+    /// (Appended after the original variants: log entries encode the variant's index.)
     /// Creates a `local` volume held by node `home` alone (its I/O never goes through a
     /// Raft log; the record is the cluster's, so every node can tell where it lives).
     CreateLocalVolume {
@@ -142,6 +137,15 @@ pub enum Cmd {
         labels: BTreeMap<String, String>,
         created_at: u64,
         home: u64,
+    },
+    // ----- data groups, added later (variants are encoded by index: append only) -----
+    /// Discards the volume's blocks from `size` on (up to `from`, the size when the shrink
+    /// began, or the record's if larger) in this group's chunks: the first step of a shrink.
+    /// Refused while the group holds snapshots of the volume.
+    Truncate {
+        volume: u64,
+        size: u64,
+        from: u64,
     },
 }
 

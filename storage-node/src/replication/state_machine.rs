@@ -65,9 +65,32 @@ pub struct StateMachine {
     /// Index of the applied id last persisted.
     saved_index: u64,
     membership: Membership,
+    /// Set when this node's replica of the group retires (see `Cluster::retire`).
+    gate: Arc<RetireGate>,
+}
+
+/// Stops a retired replica's state machine from writing anything more: openraft's shutdown
+/// stops the group's core, not the state machine worker, which may still hold entries or a
+/// snapshot to apply. Each apply holds `busy`; the retirement sets `retired`, then takes
+/// `busy` (waiting out an apply under way) before it forgets the group's state.
+#[derive(Default)]
+pub struct RetireGate {
+    pub retired: std::sync::atomic::AtomicBool,
+    pub busy: tokio::sync::Mutex<()>,
+}
+
+impl RetireGate {
+    fn retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl StateMachine {
+    /// The gate the retirement of this replica closes.
+    pub fn retire_gate(&self) -> Arc<RetireGate> {
+        self.gate.clone()
+    }
+
     pub fn open(
         group: u32,
         groups: u32,
@@ -100,6 +123,7 @@ impl StateMachine {
             reclaims: Arc::default(),
             saved_index,
             membership,
+            gate: Arc::default(),
         })
     }
 
@@ -293,7 +317,9 @@ impl StateMachine {
             }
             Cmd::Rollback { volume, epoch } => return self.rollback(*volume, *epoch).await,
             Cmd::Flatten { volume } => return self.flatten(*volume).await,
-            Cmd::Truncate { volume, size } => return self.truncate(*volume, *size).await,
+            Cmd::Truncate { volume, size, from } => {
+                return self.truncate(*volume, *size, *from).await
+            }
             _ => {}
         }
         let at = match &written {
@@ -429,10 +455,13 @@ impl StateMachine {
         Ok(Reply::Done)
     }
 
-    /// Discards the volume's blocks from `size` on in this group's chunks: whole chunks are
-    /// wiped, the one `size` falls in is trimmed from there. Every replica decides the same
-    /// (the epoch state is the log's).
-    async fn truncate(&mut self, volume: u64, size: u64) -> Result<Reply, StorageError> {
+    /// Discards the volume's blocks from `size` on in this group's chunks, up to `from` (the
+    /// size when the shrink began) or the record's size if larger: this replica may have
+    /// applied the meta group's shrink already, so the record alone does not say how far the
+    /// data went. Whole chunks are wiped (a clone's get discards, so its parent does not show
+    /// through), the one `size` falls in is trimmed from there. Every replica decides the
+    /// same (the epoch state is the log's).
+    async fn truncate(&mut self, volume: u64, size: u64, from: u64) -> Result<Reply, StorageError> {
         let Some(v) = self.volume(volume).await? else { return Ok(Reply::Done) };
         let live = self.epochs.lock().get(&volume).is_some_and(|e| !e.snapshots.is_empty());
         if live {
@@ -442,14 +471,20 @@ impl StateMachine {
             });
         }
         let rec = v.record();
-        for chunk in snapshot::group_chunks(&rec, self.group, self.groups) {
-            let start = u64::from(chunk) * CHUNK_SIZE;
-            let end = (start + CHUNK_SIZE).min(rec.size);
-            if start >= size {
-                self.wipe_chunk(&v, chunk).await?;
-            } else if end > size {
-                let head = crate::store::head_at();
-                self.store.apply_trim(&v, size, end - size, head).await.map_err(sm_err)?;
+        let upto = rec.size.max(from);
+        let clone = rec.parent.is_some();
+        for chunk in size / CHUNK_SIZE..upto.div_ceil(CHUNK_SIZE) {
+            if tern_common::chunk_group(rec.placement(), chunk, self.groups) != self.group {
+                continue;
+            }
+            let start = chunk * CHUNK_SIZE;
+            let end = (start + CHUNK_SIZE).min(upto);
+            let head = crate::store::head_at();
+            if start >= size && !clone {
+                self.wipe_chunk(&v, chunk as u32).await?;
+            } else if end > start.max(size) {
+                let at = start.max(size);
+                self.store.apply_trim(&v, at, end - at, head).await.map_err(sm_err)?;
             }
         }
         Ok(Reply::Done)
@@ -599,7 +634,10 @@ impl StateMachine {
     ) -> Result<(), StorageError> {
         let keep: HashSet<u64> = recs.iter().map(|r| r.id).collect();
         for v in self.store.list() {
-            if v.record().storage_class == "replicated" && !keep.contains(&v.id.0) {
+            // The cluster's volumes: replicated ones and local ones with a home node.
+            let rec = v.record();
+            let cluster_volume = rec.storage_class == "replicated" || rec.home != 0;
+            if cluster_volume && !keep.contains(&v.id.0) {
                 self.store.delete_volume(&v).await.map_err(sm_err)?;
             }
         }
@@ -608,7 +646,14 @@ impl StateMachine {
                 Ok(v) => {
                     let have = v.record();
                     if have.size != rec.size {
-                        self.store.resize_volume(&v, rec.size, true).await.map_err(sm_err)?;
+                        // As `ResizeVolume` applies: a replicated volume's chunks are truncated
+                        // through their own groups' logs.
+                        let r = if v.is_replicated() {
+                            self.store.set_size(&v, rec.size).await
+                        } else {
+                            self.store.resize_volume(&v, rec.size, true).await
+                        };
+                        r.map_err(sm_err)?;
                     }
                     if have.read_only != rec.read_only {
                         self.store.set_read_only(&v, rec.read_only).await.map_err(sm_err)?;
@@ -674,6 +719,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let gate = self.gate.clone();
+        let _busy = gate.busy.lock().await;
+        if gate.retired() {
+            // Retired: nothing is applied or written any more (the group's state is gone).
+            return Ok(entries.into_iter().map(|_| Reply::Done).collect());
+        }
         let mut replies = Vec::new();
         let mut save_now = self.group == META_GROUP;
         for e in entries {
@@ -721,6 +772,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &Meta,
         snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
+        let gate = self.gate.clone();
+        let _busy = gate.busy.lock().await;
+        if gate.retired() {
+            if let Some(path) = &snapshot.path {
+                let _ = std::fs::remove_file(path);
+            }
+            return Ok(());
+        }
         if let Some(path) = &snapshot.path {
             self.install_from(path).await?;
             let _ = std::fs::remove_file(path);
