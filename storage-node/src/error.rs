@@ -69,6 +69,8 @@ pub enum Error {
     NoSnapshot { volume: u64, epoch: u64 },
     #[error("snapshots need the replicated storage class: volume {0} is local")]
     LocalSnapshot(u64),
+    #[error("{0}")]
+    Full(String),
 }
 
 /// gRPC metadata key of the epoch to write at, on a `StaleEpoch` status.
@@ -95,6 +97,7 @@ impl From<Error> for tonic::Status {
             | Error::NoSuchGroup(_)
             | Error::CrossesChunk { .. } => Code::InvalidArgument,
             Error::NotLeader { .. } | Error::Unavailable(_) => Code::Unavailable,
+            Error::Full(_) => Code::ResourceExhausted,
             Error::Refused { code, .. } => Code::from_i32(*code),
             Error::OutOfRange { .. } => Code::OutOfRange,
             Error::ReadOnly { .. } => Code::PermissionDenied,

@@ -11,6 +11,7 @@ pub mod chunk;
 pub mod engine;
 pub mod epoch;
 pub mod error;
+pub mod fullness;
 pub mod keys;
 pub mod manager_link;
 pub mod meta;

@@ -76,6 +76,10 @@ struct Args {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (none without it).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<SocketAddr>,
+    /// Refuse client writes once the data directory's filesystem is used beyond this share
+    /// of its size (0 < ratio <= 1): a disk that fills up would stop chunk groups.
+    #[arg(long, default_value_t = 0.95)]
+    full_ratio: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +99,8 @@ fn main() -> anyhow::Result<()> {
             },
             direct_io: args.direct_io,
         })?;
+        store.fullness.set_ratio(args.full_ratio).map_err(anyhow::Error::msg)?;
+        tokio::spawn(tern_storage_node::fullness::watch(store.clone(), args.data_dir.clone()));
         let link =
             (!args.manager.is_empty()).then(|| tern_storage_node::manager_link::ManagerLink {
                 managers: args.manager.clone(),

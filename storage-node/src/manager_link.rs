@@ -175,12 +175,14 @@ impl ManagerLink {
                 node_id: self.node_id,
                 capacity_bytes: filesystem_bytes(&self.data_dir),
                 used_bytes: self.used(),
+                full: self.store.fullness.local(),
             };
             let mut ok = false;
             for m in &self.managers {
                 let Some(ch) = channel(m) else { continue };
                 match ManagerClient::new(ch).heartbeat(req).await {
-                    Ok(_) => {
+                    Ok(r) => {
+                        self.store.fullness.set_cluster_full(r.into_inner().cluster_full);
                         ok = true;
                         break;
                     }

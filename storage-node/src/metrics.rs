@@ -300,7 +300,7 @@ pub(crate) struct FsUsage {
     pub(crate) size: u64,
     free: u64,
     /// Free for unprivileged users (what the node can still write).
-    available: u64,
+    pub(crate) available: u64,
 }
 
 pub(crate) fn fs_usage(dir: &Path) -> Option<FsUsage> {
@@ -334,6 +334,7 @@ struct Scraped {
     repairs: Family,
     scrubbed: Family,
     capacity: Family,
+    full: Family,
     used: Family,
     available: Family,
     allocated: Family,
@@ -391,6 +392,12 @@ impl Scraped {
             capacity: Family::gauge(
                 "tern_storage_node_capacity_bytes",
                 "Size of the filesystem holding the data directory.",
+                &[],
+            )?,
+            full: Family::gauge(
+                "tern_storage_node_full",
+                "1 while writes are refused for want of space (this node's disk is beyond \
+                 --full-ratio, or the volume manager says a node of the cluster is).",
                 &[],
             )?,
             used: Family::gauge(
@@ -466,13 +473,14 @@ impl Scraped {
         })
     }
 
-    fn all(&self) -> [&Family; 19] {
+    fn all(&self) -> [&Family; 20] {
         [
             &self.info,
             &self.checksum_errors,
             &self.repairs,
             &self.scrubbed,
             &self.capacity,
+            &self.full,
             &self.used,
             &self.available,
             &self.allocated,
@@ -558,6 +566,7 @@ impl Collector for Scraped {
         out.push(self.allocated.single(allocated as f64));
         // A filesystem that cannot be asked (the directory vanished) leaves its gauges out
         // rather than reporting a full or empty disk.
+        out.push(self.full.single(f64::from(u8::from(self.store.fullness.refusing()))));
         if let Some(fs) = fs_usage(&self.data_dir) {
             out.push(self.capacity.single(fs.size as f64));
             out.push(self.used.single(fs.size.saturating_sub(fs.free) as f64));

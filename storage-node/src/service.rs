@@ -415,6 +415,8 @@ impl Service {
     async fn do_write(&self, r: v1::WriteRequest) -> Result<(), Status> {
         let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
+        // New data only: trims, zeroing and deletes go on, so space can be freed.
+        self.store.fullness.check_write()?;
         match &self.cluster {
             Some(c) => c.write(&v, r.offset, r.data, r.fua, generation, epoch).await?,
             None => self.store.write(&v, r.offset, r.data, r.fua).await?,

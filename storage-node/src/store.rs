@@ -152,6 +152,8 @@ pub struct NewVolume {
 }
 
 pub struct ChunkStore {
+    /// Whether writes are refused for want of space (see [`crate::fullness`]).
+    pub fullness: crate::fullness::Fullness,
     cfg: StoreConfig,
     meta: Arc<MetaStore>,
     engine: Arc<dyn IoEngine>,
@@ -239,6 +241,7 @@ impl ChunkStore {
             "chunk store open"
         );
         Ok(Arc::new(Self {
+            fullness: Default::default(),
             meta,
             engine,
             volumes: RwLock::new(reg),

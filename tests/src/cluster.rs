@@ -17,6 +17,8 @@ pub struct Node {
     pub datacenter: String,
     /// Where the node serves `/metrics` (clusters started with metrics only).
     pub metrics_addr: Option<SocketAddr>,
+    /// More flags for this node alone, from its next start on.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     stopped: bool,
 }
@@ -104,6 +106,7 @@ impl Cluster {
                     addr: format!("{ip}:{port}").parse().unwrap(),
                     datacenter: format!("dc{dc}"),
                     metrics_addr: metrics_addr_on(&ip, metrics),
+                    extra_args: Vec::new(),
                     child: None,
                     stopped: false,
                 }
@@ -173,7 +176,8 @@ impl Cluster {
             .arg(self.dir.path().join(format!("node{}", n.id)))
             .args(["--node-id", &n.id.to_string(), "--datacenter", &n.datacenter])
             .arg("--fault-injection")
-            .args(&self.node_args);
+            .args(&self.node_args)
+            .args(&n.extra_args);
         match &self.managers {
             // The managers say whether it is a member or a spare.
             Some(m) => {
@@ -206,6 +210,7 @@ impl Cluster {
             addr: format!("{ip}:{port}").parse().unwrap(),
             datacenter: format!("dc{dc}"),
             metrics_addr: metrics_addr_on(&ip, metrics),
+            extra_args: Vec::new(),
             child: None,
             stopped: false,
         });

@@ -565,3 +565,56 @@ fn a_forced_shrink_discards_the_tail_on_every_replica() {
     qemu_io(&k, &["read -P 0x21 0 1M".into(), "read -P 0 700M 1M".into()]);
     c.wait_replicas_agree(Duration::from_secs(30));
 }
+
+/// A node whose disk is beyond its full ratio makes the whole cluster refuse writes with
+/// ENOSPC (its replicas could not apply them), while reads go on; it shows as full; once it
+/// has room again, writes resume.
+#[test]
+fn a_full_node_stops_writes_everywhere_and_reads_go_on() {
+    let (m, mut c) = deployment("10");
+    m.must_tern(&["volume", "create", "f", "--size", "1G"]);
+    let uri = c.uri("f");
+    qemu_io(&uri, &chunk_patterns("write"));
+
+    // Node 3 restarts believing its disk full (this machine's disk is far above 0.1%).
+    c.nodes[2].extra_args = vec!["--full-ratio".into(), "0.001".into()];
+    c.kill9(2);
+    c.start_node(2);
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3 full", |v| {
+        node_field(v, 3, "full") == true
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // Every chunk group: those led by nodes 1 and 2 refuse too.
+        let o = tern_tests::run(
+            60,
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 9 0 1M", "-c", "write -P 9 640M 1M", &uri],
+        );
+        if text(&o).contains("No space left on device") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "writes were not refused\n{}", text(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let table = m.must_tern(&["node", "list"]);
+    assert!(table.contains("up (full)"), "{table}");
+    qemu_io(&uri, &chunk_patterns("read"));
+
+    c.nodes[2].extra_args.clear();
+    c.kill9(2);
+    c.start_node(2);
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3 not full", |v| {
+        node_field(v, 3, "full") == false
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = tern_tests::run(60, "qemu-io", &["-f", "raw", "-c", "write -P 9 0 1M", &uri]);
+        if o.status.success() && !text(&o).contains("failed") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "writes did not resume\n{}", text(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    qemu_io(&uri, &["read -P 9 0 1M".into()]);
+}

@@ -39,6 +39,8 @@ pub struct Seen {
     pub at: Instant,
     pub capacity: u64,
     pub used: u64,
+    /// Its disk is beyond its full ratio.
+    pub full: bool,
 }
 
 pub struct Manager {
@@ -302,6 +304,7 @@ impl Manager {
             heartbeat_age_ms: seen.map(|s| s.at.elapsed().as_millis() as u64),
             member,
             replicas,
+            full: seen.is_some_and(|s| s.full),
         }
     }
 
@@ -1068,7 +1071,12 @@ impl v1::manager_server::Manager for Service {
         };
         m.seen.lock().insert(
             n.id,
-            Seen { at: Instant::now(), capacity: r.capacity_bytes, used: r.used_bytes },
+            Seen {
+                at: Instant::now(),
+                capacity: r.capacity_bytes,
+                used: r.used_bytes,
+                full: false,
+            },
         );
         tracing::info!(node = n.id, address = %n.address, datacenter = %n.datacenter, "storage node registered");
         Ok(Response::new(m.node_to_wire(&n)))
@@ -1085,10 +1093,24 @@ impl v1::manager_server::Manager for Service {
         let Some(state) = state else {
             return Err(Status::not_found(format!("node {} is not registered", r.node_id)));
         };
-        m.seen.lock().insert(
-            r.node_id,
-            Seen { at: Instant::now(), capacity: r.capacity_bytes, used: r.used_bytes },
-        );
+        let seen = Seen {
+            at: Instant::now(),
+            capacity: r.capacity_bytes,
+            used: r.used_bytes,
+            full: r.full,
+        };
+        m.seen.lock().insert(r.node_id, seen);
+        if r.full {
+            tracing::warn!(node = r.node_id, "storage node is full: the cluster refuses writes");
+        }
+        // Any node up that is full stops writes everywhere: its replicas of every group it
+        // holds would fail to apply them. (A node down says nothing new until it is back.)
+        let cluster_full = {
+            let st = m.state.read();
+            let seen = m.seen.lock();
+            seen.iter()
+                .any(|(id, s)| s.full && st.nodes.get(id).is_some_and(|n| n.state == NodeState::Up))
+        };
         let state = if state == NodeState::Down {
             tracing::info!(node = r.node_id, "storage node is back up");
             match m.propose(Cmd::SetNodeState { id: r.node_id, state: NodeState::Up }).await? {
@@ -1098,7 +1120,10 @@ impl v1::manager_server::Manager for Service {
         } else {
             state
         };
-        Ok(Response::new(v1::HeartbeatReply { state: node_state_to_wire(state) as i32 }))
+        Ok(Response::new(v1::HeartbeatReply {
+            state: node_state_to_wire(state) as i32,
+            cluster_full,
+        }))
     }
 
     async fn list_nodes(

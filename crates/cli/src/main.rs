@@ -401,6 +401,7 @@ fn node_json(n: &v1::StorageNode) -> serde_json::Value {
         "state": node_state(n.state), "capacity_bytes": n.capacity_bytes,
         "used_bytes": n.used_bytes, "registered_at": n.registered_at,
         "heartbeat_age_ms": n.heartbeat_age_ms, "member": n.member, "replicas": n.replicas,
+        "full": n.full,
     })
 }
 
@@ -411,7 +412,11 @@ fn node_rows(ns: &[v1::StorageNode]) -> Vec<Vec<String>> {
                 n.id.to_string(),
                 n.address.clone(),
                 n.datacenter.clone(),
-                node_state(n.state).to_string(),
+                if n.full {
+                    format!("{} (full)", node_state(n.state))
+                } else {
+                    node_state(n.state).to_string()
+                },
                 if n.member { "member" } else { "spare" }.to_string(),
                 n.replicas.to_string(),
                 format_size(n.capacity_bytes),
