@@ -63,6 +63,10 @@ impl VolumeRecord {
     }
 }
 
+fn retired_key(group: u32) -> String {
+    format!("retired-group-{group}")
+}
+
 fn default_class() -> String {
     "local".to_string()
 }
@@ -400,7 +404,14 @@ impl MetaStore {
         b.delete_range(s, e);
         let (s, e) = keys::epochs_range(group);
         b.delete_range(s, e);
+        // So that a restart does not initialize the group here again from a static placement.
+        b.put(keys::meta_key(&retired_key(group)), [1u8]);
         self.write(b, true)
+    }
+
+    /// Whether this node's replica of `group` retired (see [`Self::forget_group`]).
+    pub fn retired_group(&self, group: u32) -> Result<bool> {
+        Ok(self.db.get(keys::meta_key(&retired_key(group)))?.is_some())
     }
 
     /// The fencing generations of `group`'s volumes (volume -> generation).

@@ -429,6 +429,23 @@ impl ChunkStore {
         size: u64,
         allow_shrink: bool,
     ) -> Result<()> {
+        self.resize(v, size, allow_shrink, true).await
+    }
+
+    /// Sets a volume's size without touching its blocks (a replicated volume's chunks are
+    /// truncated through their groups' logs; see `Cmd::Truncate`).
+    pub async fn set_size(&self, v: &Arc<Volume>, size: u64) -> Result<()> {
+        self.resize(v, size, true, false).await
+    }
+
+    /// Changes the size; a shrink (if allowed) discards the blocks past the end if `discard`.
+    async fn resize(
+        &self,
+        v: &Arc<Volume>,
+        size: u64,
+        allow_shrink: bool,
+        discard: bool,
+    ) -> Result<()> {
         validate_volume_size(size)?;
         let _admin = self.admin.lock().await;
         let gate = v.gate.write().await;
@@ -441,30 +458,12 @@ impl ChunkStore {
                 return Err(Error::ShrinkRefused { volume: v.id, from: rec.size, to: size });
             }
             let mut off = size;
-            while off < rec.size {
+            while discard && off < rec.size {
                 let len = (rec.size - off).min(CHUNK_SIZE - off % CHUNK_SIZE);
                 self.zero_segment(v, off, len, true, true, head_at()).await?;
                 off += len;
             }
         }
-        rec.size = size;
-        self.meta.put_volume(&rec, None)?;
-        *v.record.write() = rec;
-        drop(gate);
-        tracing::info!(volume = v.id.0, size, "volume resized");
-        Ok(())
-    }
-
-    /// Sets a volume's size without touching its blocks (a replicated volume's chunks are
-    /// truncated through their groups' logs; see `Cmd::Truncate`).
-    pub async fn set_size(&self, v: &Arc<Volume>, size: u64) -> Result<()> {
-        validate_volume_size(size)?;
-        let _admin = self.admin.lock().await;
-        let gate = v.gate.write().await;
-        if *gate {
-            return Err(Error::VolumeDeleted(v.id));
-        }
-        let mut rec = v.record();
         rec.size = size;
         self.meta.put_volume(&rec, None)?;
         *v.record.write() = rec;

@@ -515,6 +515,9 @@ fn a_local_volume_lives_on_one_node() {
     });
     let o = m.tern(&["snapshot", "create", "scratch"]);
     assert!(!o.status.success() && text(&o).contains("'local'"), "{}", text(&o));
+    // Its node cannot be drained while it holds the only copy.
+    let o = m.tern(&["node", "drain", "2"]);
+    assert!(!o.status.success() && text(&o).contains("scratch"), "{}", text(&o));
 
     // Acknowledged (flushed: qemu-io flushes before it exits) writes survive kill -9.
     c.kill9(1);

@@ -1157,6 +1157,24 @@ impl v1::manager_server::Manager for Service {
             }
             _ => return Err(Status::invalid_argument(format!("unknown node state {}", r.state))),
         };
+        if matches!(state, NodeState::Draining | NodeState::Removed) {
+            // A local volume's one copy cannot move with the node's replicas.
+            m.linearize().await?;
+            let st = m.state.read();
+            let held: Vec<&str> = st
+                .volumes
+                .values()
+                .filter(|v| v.class == Class::Local && v.home == r.node_id)
+                .map(|v| v.name.as_str())
+                .collect();
+            if !held.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "node {} holds the only copy of local volume(s) {held:?}: copy and delete \
+                     them first (local volumes do not move)",
+                    r.node_id
+                )));
+            }
+        }
         let Reply::Node(n) = m.propose(Cmd::SetNodeState { id: r.node_id, state }).await? else {
             return Err(Status::internal("unexpected reply to a node state change"));
         };

@@ -342,6 +342,10 @@ impl Cluster {
                 if raft.is_initialized().await.unwrap_or(true) {
                     continue;
                 }
+                // Moved away from this node once: the group lives elsewhere.
+                if self.opener.meta.retired_group(group as u32).unwrap_or(true) {
+                    continue;
+                }
                 let members: BTreeMap<u64, Member> = self
                     .cfg
                     .nodes
@@ -535,17 +539,24 @@ impl Cluster {
         if !v.is_replicated() {
             return self.fence_local(&v, generation).await;
         }
-        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let op = GroupOp::Fence { volume, generation };
+        self.on_every_group(&op, &format!("fencing volume {volume}")).await?;
+        tracing::info!(volume, generation, groups = self.cfg.groups, "volume fenced");
+        Ok(())
+    }
+
+    /// Runs `op` on every data group's leader at once; succeeds once every group did. A
+    /// refusal is passed on as it is, anything else is UNAVAILABLE naming `what` and the group.
+    async fn on_every_group(&self, op: &GroupOp, what: &str) -> Result<()> {
+        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
         let results =
-            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
+            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, op))).await;
         for (g, r) in groups.iter().zip(results) {
             r.map_err(|e| match e {
                 Error::Refused { .. } => e,
-                e => Error::Unavailable(format!("fencing volume {volume} in group {g}: {e}")),
+                e => Error::Unavailable(format!("{what} in group {g}: {e}")),
             })?;
         }
-        tracing::info!(volume, generation, groups = groups.len(), "volume fenced");
         Ok(())
     }
 
@@ -1272,16 +1283,8 @@ impl Cluster {
     /// A deletion may name several snapshots: each group drops them all in one entry.
     pub async fn snapshot_volume(&self, volume: u64, epochs: &[u64], op: SnapOp) -> Result<()> {
         check_snapshot_epochs(epochs, op)?;
-        let op = GroupOp::Snapshot { volume, epochs: epochs.into(), op };
-        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
-        let results =
-            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
-        for (g, r) in groups.iter().zip(results) {
-            r.map_err(|e| match e {
-                Error::Refused { .. } => e,
-                e => Error::Unavailable(format!("snapshot of volume {volume} in group {g}: {e}")),
-            })?;
-        }
+        let group_op = GroupOp::Snapshot { volume, epochs: epochs.into(), op };
+        self.on_every_group(&group_op, &format!("snapshot of volume {volume}")).await?;
         tracing::info!(volume, ?epochs, ?op, "snapshot operation committed in every group");
         Ok(())
     }
@@ -1313,15 +1316,7 @@ impl Cluster {
     /// leader (`Cmd::Truncate`); returns once every group committed it.
     pub async fn truncate_volume(&self, volume: u64, size: u64, from: u64) -> Result<()> {
         let op = GroupOp::Truncate { volume, size, from };
-        let groups: Vec<u32> = (1..=self.cfg.groups).collect();
-        let results =
-            futures::future::join_all(groups.iter().map(|&g| self.on_leader(g, &op))).await;
-        for (g, r) in groups.iter().zip(results) {
-            r.map_err(|e| match e {
-                Error::Refused { .. } => e,
-                e => Error::Unavailable(format!("truncating volume {volume} in group {g}: {e}")),
-            })?;
-        }
+        self.on_every_group(&op, &format!("truncating volume {volume}")).await?;
         tracing::info!(volume, size, "volume truncated in every group");
         Ok(())
     }
