@@ -408,6 +408,18 @@ impl Manager {
             .ok_or_else(|| Status::unavailable("no storage cluster member is up"))
     }
 
+    /// Before a volume's blocks change under it (rollback, shrink): no host may write. The
+    /// volume must be detached (refused otherwise), and a new generation, fenced in every
+    /// chunk group before this returns, shuts out any host that still writes with an old one.
+    async fn fence_detached(&self, volume_id: u64) -> Result<u64, Status> {
+        let Reply::Generation(generation) = self.propose(Cmd::NextGeneration { volume_id }).await?
+        else {
+            return Err(Status::internal("unexpected reply to a generation change"));
+        };
+        storage::fence_volume(&self.storage_addresses(), volume_id, generation).await?;
+        Ok(generation)
+    }
+
     async fn allocated(&self, id: u64) -> u64 {
         let r = v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(id)) };
         storage::get_volume(&self.storage_addresses(), r).await.map_or(0, |v| v.allocated_bytes)
@@ -434,12 +446,7 @@ impl Manager {
                     v.name, s.name
                 )));
             }
-            let Reply::Generation(generation) =
-                self.propose(Cmd::NextGeneration { volume_id: v.id }).await?
-            else {
-                return Err(Status::internal("unexpected reply to a generation change"));
-            };
-            storage::fence_volume(&self.storage_addresses(), v.id, generation).await?;
+            let generation = self.fence_detached(v.id).await?;
             tracing::info!(volume = %v.name, generation, "fenced for a shrink");
         }
         let by_id = v1::VolumeRef { r#ref: Some(v1::volume_ref::Ref::Id(v.id)) };
@@ -667,14 +674,7 @@ impl Manager {
                 rec.name, rec.state
             )));
         }
-        // No host may write while the blocks change under it: the volume is detached, and a
-        // new generation fences off any host that still writes with the old one.
-        let Reply::Generation(generation) =
-            self.propose(Cmd::NextGeneration { volume_id: v.id }).await?
-        else {
-            return Err(Status::internal("unexpected reply to a generation change"));
-        };
-        storage::fence_volume(&self.storage_addresses(), v.id, generation).await?;
+        let generation = self.fence_detached(v.id).await?;
         let op = storage::SnapOp::Rollback;
         storage::snapshot_volume(&self.storage_addresses(), v.id, &[rec.epoch], op).await?;
         tracing::info!(volume = %v.name, snapshot = %rec.name, generation, "volume rolled back");
