@@ -182,7 +182,7 @@ enum NodeCmd {
     Status,
     /// List the storage nodes registered with the manager.
     List,
-    /// Drain a node: the manager moves its replicas to a spare node of its datacenter.
+    /// Drain a node: the manager moves its replicas to another node of its datacenter.
     Drain {
         id: u64,
         /// Show progress until the node holds no replicas.
