@@ -618,17 +618,16 @@ impl Backend for GrpcBackend {
             None => self.discover_mode().await?,
         };
         let (volume_id, epoch) = self.resolve(export_id);
-        match mode {
-            Mode::Single(node) => {
+        match (mode, self.home(volume_id)) {
+            (Mode::Single(node), _) => {
                 let op = read_op(volume_id, epoch, offset, len);
                 read_data(call_single(node, op).await?, len.into())
             }
-            Mode::Cluster(c) if self.home(volume_id).is_some() => {
-                let home = self.home(volume_id).unwrap_or_default();
+            (Mode::Cluster(c), Some(home)) => {
                 let reply = c.send_to(home, read_op(volume_id, epoch, offset, len)).await?;
                 read_data(reply, len.into())
             }
-            Mode::Cluster(c) => {
+            (Mode::Cluster(c), None) => {
                 // Pieces of a `len`-byte read fit in a u32.
                 let op = |p: Part| read_op(volume_id, epoch, p.offset, p.len as u32);
                 let place = self.placement(volume_id);
@@ -653,21 +652,21 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let home = self.home(volume_id);
         self.write_like(volume_id, |gen, epoch| {
             let data = data.clone();
             async move {
                 let tag = (gen, epoch);
-                match mode {
-                    Mode::Single(node) => {
+                match (mode, home) {
+                    (Mode::Single(node), _) => {
                         call_single(node, write_op(volume_id, tag, offset, data, fua))
                             .await
                             .map(drop)
                     }
-                    Mode::Cluster(c) if self.home(volume_id).is_some() => {
-                        let home = self.home(volume_id).unwrap_or_default();
+                    (Mode::Cluster(c), Some(home)) => {
                         c.send_to(home, write_op(volume_id, tag, offset, data, fua)).await.map(drop)
                     }
-                    Mode::Cluster(c) => {
+                    (Mode::Cluster(c), None) => {
                         let op = |p: Part| {
                             write_op(volume_id, tag, p.offset, data.slice(p.within(offset)), fua)
                         };
@@ -692,19 +691,19 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let home = self.home(volume_id);
         self.write_like(volume_id, |gen, epoch| async move {
             let tag = (gen, epoch);
-            match mode {
-                Mode::Single(node) => {
+            match (mode, home) {
+                (Mode::Single(node), _) => {
                     let op = write_zeroes_op(volume_id, tag, offset, len, punch_hole, fua);
                     call_single(node, op).await.map(drop)
                 }
-                Mode::Cluster(c) if self.home(volume_id).is_some() => {
-                    let home = self.home(volume_id).unwrap_or_default();
+                (Mode::Cluster(c), Some(home)) => {
                     let op = write_zeroes_op(volume_id, tag, offset, len, punch_hole, fua);
                     c.send_to(home, op).await.map(drop)
                 }
-                Mode::Cluster(c) => {
+                (Mode::Cluster(c), None) => {
                     let op =
                         |p: Part| write_zeroes_op(volume_id, tag, p.offset, p.len, punch_hole, fua);
                     let place = self.placement(volume_id);
@@ -726,17 +725,17 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
+        let home = self.home(volume_id);
         self.write_like(volume_id, |gen, epoch| async move {
             let tag = (gen, epoch);
-            match mode {
-                Mode::Single(node) => {
+            match (mode, home) {
+                (Mode::Single(node), _) => {
                     call_single(node, trim_op(volume_id, tag, offset, len, fua)).await.map(drop)
                 }
-                Mode::Cluster(c) if self.home(volume_id).is_some() => {
-                    let home = self.home(volume_id).unwrap_or_default();
+                (Mode::Cluster(c), Some(home)) => {
                     c.send_to(home, trim_op(volume_id, tag, offset, len, fua)).await.map(drop)
                 }
-                Mode::Cluster(c) => {
+                (Mode::Cluster(c), None) => {
                     let op = |p: Part| trim_op(volume_id, tag, p.offset, p.len, fua);
                     let place = self.placement(volume_id);
                     Box::pin(c.scatter(place, offset, len, op)).await.map(drop)
@@ -755,13 +754,12 @@ impl Backend for GrpcBackend {
             Some(mode) => mode,
             None => self.discover_mode().await?,
         };
-        match mode {
-            Mode::Single(node) => call_single(node, flush_op(volume_id, None)).await.map(drop),
-            Mode::Cluster(c) if self.home(volume_id).is_some() => {
-                let home = self.home(volume_id).unwrap_or_default();
+        match (mode, self.home(volume_id)) {
+            (Mode::Single(node), _) => call_single(node, flush_op(volume_id, None)).await.map(drop),
+            (Mode::Cluster(c), Some(home)) => {
                 c.send_to(home, flush_op(volume_id, None)).await.map(drop)
             }
-            Mode::Cluster(c) => {
+            (Mode::Cluster(c), None) => {
                 let place = self.placement(volume_id);
                 Box::pin(c.flush(place, |g| flush_op(volume_id, Some(g)))).await
             }
@@ -779,15 +777,14 @@ impl Backend for GrpcBackend {
             None => self.discover_mode().await?,
         };
         let (volume_id, epoch) = self.resolve(export_id);
-        let reply = match mode {
-            Mode::Single(node) => {
+        let reply = match (mode, self.home(volume_id)) {
+            (Mode::Single(node), _) => {
                 call_single(node, block_status_op(volume_id, epoch, offset, len)).await?
             }
-            Mode::Cluster(c) if self.home(volume_id).is_some() => {
-                let home = self.home(volume_id).unwrap_or_default();
+            (Mode::Cluster(c), Some(home)) => {
                 c.send_to(home, block_status_op(volume_id, epoch, offset, len)).await?
             }
-            Mode::Cluster(c) => {
+            (Mode::Cluster(c), None) => {
                 // Only the first chunk's piece: NBD lets a reply cover less than was asked.
                 let p = first_part(offset, len);
                 let op = block_status_op(volume_id, epoch, p.offset, p.len);

@@ -186,7 +186,8 @@ impl Service {
         };
         tern_common::validate_volume_name(&r.name)?;
         tern_common::validate_volume_size(r.size_bytes)?;
-        if class == v1::StorageClass::Local {
+        let created_at = crate::store::now_secs();
+        let cmd = if class == v1::StorageClass::Local {
             if r.home_node == 0 || !c.members().contains_key(&r.home_node) {
                 return Err(Error::Unsupported(
                     "storage class 'local' on a cluster needs a home node that is a member \
@@ -196,31 +197,23 @@ impl Service {
             if r.parent_volume_id != 0 {
                 return Err(Error::Unsupported("clones are of replicated volumes only"));
             }
-            let cmd = Cmd::CreateLocalVolume {
-                name: r.name,
-                size: r.size_bytes,
-                read_only: r.read_only,
-                tenant: r.tenant,
+            let (name, size, read_only, tenant) = (r.name, r.size_bytes, r.read_only, r.tenant);
+            Cmd::CreateLocalVolume {
+                name,
+                size,
+                read_only,
+                tenant,
                 labels,
-                created_at: crate::store::now_secs(),
+                created_at,
                 home: r.home_node,
-            };
-            let id = self
-                .propose_meta(c, cmd)
-                .await?
-                .ok_or(Error::Unavailable("no volume id".into()))?;
-            return self.store.get(id);
-        }
-        let parent = (r.parent_volume_id != 0)
-            .then_some(crate::meta::Parent { volume: r.parent_volume_id, epoch: r.parent_epoch });
-        let cmd = Cmd::CreateVolume {
-            name: r.name,
-            size: r.size_bytes,
-            read_only: r.read_only,
-            tenant: r.tenant,
-            labels,
-            created_at: crate::store::now_secs(),
-            parent,
+            }
+        } else {
+            let parent = (r.parent_volume_id != 0).then_some(crate::meta::Parent {
+                volume: r.parent_volume_id,
+                epoch: r.parent_epoch,
+            });
+            let (name, size, read_only, tenant) = (r.name, r.size_bytes, r.read_only, r.tenant);
+            Cmd::CreateVolume { name, size, read_only, tenant, labels, created_at, parent }
         };
         let id =
             self.propose_meta(c, cmd).await?.ok_or(Error::Unavailable("no volume id".into()))?;

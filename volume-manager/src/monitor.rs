@@ -128,7 +128,7 @@ pub async fn keep_cluster_whole(m: Arc<Manager>, replace_after: Duration) {
         let (free, capacity): (BTreeMap<u64, u64>, BTreeMap<u64, u64>) = {
             let seen = m.seen.lock();
             (
-                seen.iter().map(|(id, s)| (*id, s.capacity.saturating_sub(s.used))).collect(),
+                seen.iter().map(|(id, s)| (*id, s.free())).collect(),
                 seen.iter().map(|(id, s)| (*id, s.capacity)).collect(),
             )
         };

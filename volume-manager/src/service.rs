@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use parking_lot::{Mutex, RwLock};
+use tern_common::placement::{pick_target, place_groups, Candidate};
 use tern_common::{validate_volume_name, validate_volume_size, BLOCK_SIZE, CHUNK_SIZE};
 use tern_proto::v1::{self, manager_client::ManagerClient, volume_admin_client::VolumeAdminClient};
 use tonic::transport::Channel;
@@ -41,6 +42,13 @@ pub struct Seen {
     pub used: u64,
     /// Its disk is beyond its full ratio.
     pub full: bool,
+}
+
+impl Seen {
+    /// Free bytes as the node's heartbeat told (its filesystem's size less what it stores).
+    pub fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used)
+    }
 }
 
 pub struct Manager {
@@ -398,13 +406,17 @@ impl Manager {
             return Ok(asked);
         }
         let seen = self.seen.lock();
-        let free = |id: u64| seen.get(&id).map_or(0, |s| s.capacity.saturating_sub(s.used));
-        members
+        let candidates: Vec<Candidate> = members
             .iter()
             .filter(|id| up(id))
-            .map(|&id| (std::cmp::Reverse(free(id)), id))
-            .min()
-            .map(|(_, id)| id)
+            .map(|&id| Candidate {
+                id,
+                datacenter: String::new(),
+                free_bytes: seen.get(&id).map_or(0, Seen::free),
+            })
+            .collect();
+        // Nothing held yet counts: the most free space, the lower id on a tie.
+        pick_target(&candidates, &BTreeMap::new())
             .ok_or_else(|| Status::unavailable("no storage cluster member is up"))
     }
 
@@ -791,17 +803,15 @@ impl Manager {
                         ));
                     }
                     let seen = self.seen.lock();
-                    let candidates: Vec<tern_common::placement::Candidate> = up
+                    let candidates: Vec<Candidate> = up
                         .iter()
-                        .map(|n| tern_common::placement::Candidate {
+                        .map(|n| Candidate {
                             id: n.id,
                             datacenter: n.datacenter.clone(),
-                            free_bytes: seen
-                                .get(&n.id)
-                                .map_or(0, |s| s.capacity.saturating_sub(s.used)),
+                            free_bytes: seen.get(&n.id).map_or(0, Seen::free),
                         })
                         .collect();
-                    let placement = tern_common::placement::place_groups(&candidates, self.groups);
+                    let placement = place_groups(&candidates, self.groups);
                     (up.iter().map(|n| n.id).collect::<Vec<u64>>(), placement)
                 };
                 let cmd =

@@ -1433,13 +1433,8 @@ impl Cluster {
         let mut attempt = 0usize;
         let mut hops = 0u32;
         loop {
-            let known = {
-                let m = raft.metrics();
-                let m = m.borrow();
-                let holds =
-                    m.membership_config.membership().nodes().any(|(n, _)| *n == self.cfg.node_id);
-                m.current_leader.filter(|_| holds)
-            };
+            let known =
+                if self.holds(group) { raft.metrics().borrow().current_leader } else { None };
             let target = hint.take().or(known).or_else(|| {
                 let c = self.leader_candidates(group);
                 attempt += 1;

@@ -360,8 +360,7 @@ impl StateMachine {
                     tenant,
                     labels,
                     parent,
-                    placement: 0,
-                    home: 0,
+                    ..Default::default()
                 };
                 return self.create_volume(index, new).await;
             }
@@ -375,9 +374,8 @@ impl StateMachine {
                     created_at: Some(created_at),
                     tenant,
                     labels,
-                    parent: None,
-                    placement: 0,
                     home,
+                    ..Default::default()
                 };
                 return self.create_volume(index, new).await;
             }
@@ -490,7 +488,6 @@ impl StateMachine {
         Ok(Reply::Done)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn create_volume(
         &mut self,
         index: u64,
