@@ -51,6 +51,7 @@
 
 mod cluster;
 mod node;
+pub use node::set_datacenter;
 mod parts;
 
 use std::future::Future;

@@ -31,6 +31,10 @@ struct Args {
     /// This hypervisor host's name for attachments (default: the system hostname).
     #[arg(long, env = "TERN_HOST")]
     host: Option<String>,
+    /// The datacenter this host is in (a storage cluster's datacenter label). Replicated
+    /// volumes' chunk groups then move their leaders here, where their requests come from.
+    #[arg(long, env = "TERN_DATACENTER")]
+    datacenter: Option<String>,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "TERN_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -82,6 +86,10 @@ async fn storage_from_manager(managers: &str) -> String {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     tern_common::init_logging();
+    if let Some(dc) = &args.datacenter {
+        tern_nbd_frontend::grpc::set_datacenter(dc)
+            .map_err(|e| anyhow::anyhow!("--datacenter: {e}"))?;
+    }
     let storage = match (&args.storage, &args.manager) {
         (Some(s), _) => s.clone(),
         (None, Some(m)) => storage_from_manager(m).await,

@@ -349,6 +349,8 @@ struct Scraped {
     rebuild_planned: Family,
     snapshot_sent: Family,
     snapshot_received: Family,
+    handovers: Family,
+    linearizable_reads: Family,
 }
 
 impl Scraped {
@@ -470,10 +472,22 @@ impl Scraped {
                 "Chunk group state received from a leader (catch-up and rebuild).",
                 &[],
             )?,
+            handovers: Family::counter(
+                "tern_storage_node_leader_handovers_total",
+                "Group leaderships this node handed to a replica in the datacenter its \
+                 requests come from, by result.",
+                &["result"],
+            )?,
+            linearizable_reads: Family::counter(
+                "tern_storage_node_linearizable_reads_total",
+                "Replicated reads this node served as leader, by how it knew it still led: \
+                 its lease (no round trip) or a quorum confirming it.",
+                &["by"],
+            )?,
         })
     }
 
-    fn all(&self) -> [&Family; 20] {
+    fn all(&self) -> [&Family; 22] {
         [
             &self.info,
             &self.checksum_errors,
@@ -495,6 +509,8 @@ impl Scraped {
             &self.rebuild_planned,
             &self.snapshot_sent,
             &self.snapshot_received,
+            &self.handovers,
+            &self.linearizable_reads,
         ]
     }
 
@@ -542,6 +558,15 @@ impl Scraped {
         out.push(self.scrubbed.single(load(&c.scrubbed) as f64));
         out.push(self.snapshot_sent.single(load(&transport.snapshot_sent_bytes) as f64));
         out.push(self.snapshot_received.single(load(&transport.snapshot_received_bytes) as f64));
+        let l = &c.leadership;
+        out.push(self.handovers.collect([
+            (["done"], load(&l.handovers_done) as f64),
+            (["failed"], load(&l.handovers_failed) as f64),
+        ]));
+        out.push(self.linearizable_reads.collect([
+            (["lease"], load(&l.reads_on_lease) as f64),
+            (["quorum"], load(&l.reads_confirmed) as f64),
+        ]));
     }
 }
 

@@ -476,7 +476,23 @@ impl Service {
         Ok(v1::BlockStatusResponse { extents })
     }
 
-    async fn do_io_owned(self, req: v1::IoRequest) -> v1::IoResponse {
+    async fn do_io_owned(self, req: v1::IoRequest, origin: Option<usize>) -> v1::IoResponse {
+        if let (Some(c), Some(origin)) = (&self.cluster, origin) {
+            use v1::io_request::Op;
+            let at = match &req.op {
+                Some(Op::Read(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
+                Some(Op::Write(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
+                Some(Op::WriteZeroes(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
+                Some(Op::Trim(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
+                _ => None,
+            };
+            // Replicated volumes only: a local volume's I/O goes to its home, not to leaders.
+            if let Some((volume, offset)) = at {
+                if self.store.get(volume).is_ok_and(|v| v.is_replicated()) {
+                    c.note_origin(volume, offset, origin);
+                }
+            }
+        }
         self.do_io(req).await
     }
 
@@ -542,6 +558,13 @@ impl BlockIo for Service {
         &self,
         req: Request<tonic::Streaming<v1::IoRequest>>,
     ) -> Result<Response<Self::IoStream>, Status> {
+        // Where the frontend runs: leaders follow their requests there (see `leadership`).
+        let origin = match (&self.cluster, req.metadata().get(tern_common::DATACENTER_HEADER)) {
+            (Some(c), Some(dc)) => {
+                dc.to_str().ok().filter(|d| !d.is_empty()).and_then(|d| c.origin(d))
+            }
+            _ => None,
+        };
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(IO_STREAM_DEPTH);
         let svc = self.clone();
@@ -561,7 +584,7 @@ impl BlockIo for Service {
                     }
                     msg = inbound.message(), if open && running.len() < IO_STREAM_DEPTH => {
                         match msg {
-                            Ok(Some(r)) => running.push(svc.clone().do_io_owned(r)),
+                            Ok(Some(r)) => running.push(svc.clone().do_io_owned(r, origin)),
                             Ok(None) => open = false,
                             Err(e) => {
                                 tracing::debug!(%e, "I/O stream ended");

@@ -238,6 +238,8 @@ impl Cluster {
             self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect::<Vec<_>>().join(",");
         let mut cmd = Command::new(bin("tern-nbd-frontend"));
         cmd.args(["--listen", &self.nbd_addr.to_string(), "--storage", &storage]);
+        // It runs in datacenter 1: the groups it uses move their leaders to node 1.
+        cmd.args(["--datacenter", "dc1"]);
         if let Some(m) = self.frontend_metrics {
             cmd.args(["--metrics-listen", &m.to_string()]);
         }

@@ -24,6 +24,10 @@ pub const MAX_IO_SIZE: u64 = 32 << 20;
 /// The longest volume name.
 pub const MAX_NAME_LEN: usize = 64;
 
+/// gRPC metadata on a frontend's `Io` stream: the datacenter the frontend runs in. Group
+/// leaders move to where their requests come from.
+pub const DATACENTER_HEADER: &str = "x-tern-datacenter";
+
 /// The Raft group of a cluster that holds volume records. Data chunk groups are `1..=groups`.
 pub const META_GROUP: u32 = 0;
 

@@ -110,6 +110,26 @@ fn endpoint(uri: &str) -> Result<Endpoint, tonic::transport::Error> {
         .max_frame_size(1 << 20))
 }
 
+/// The datacenter this frontend runs in, sent on every `Io` stream (see
+/// [`set_datacenter`]).
+static DATACENTER: std::sync::OnceLock<tonic::metadata::AsciiMetadataValue> =
+    std::sync::OnceLock::new();
+
+/// Names this host's datacenter to the storage nodes (once, at start-up): the leaders of the
+/// chunk groups it sends requests to move there.
+pub fn set_datacenter(dc: &str) -> Result<(), String> {
+    let valid = !dc.is_empty()
+        && dc.len() <= 64
+        && dc.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !valid {
+        return Err(format!(
+            "bad datacenter name {dc:?}: 1-64 characters of letters, digits, '-', '_' or '.'"
+        ));
+    }
+    let v = dc.parse().map_err(|e| format!("bad datacenter name {dc:?}: {e}"))?;
+    DATACENTER.set(v).map_err(|_| "the datacenter is already set".to_string())
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, BackendError>>>>>;
 
 /// One `Io` stream on its own HTTP/2 connection, established on first use and again after it
@@ -136,13 +156,11 @@ impl Lane {
         }
         let (tx, rx) = mpsc::channel(LANE_DEPTH);
         let pending: Pending = Arc::default();
-        let mut inbound = self
-            .client
-            .clone()
-            .io(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(map_status)?
-            .into_inner();
+        let mut open = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(dc) = DATACENTER.get() {
+            open.metadata_mut().insert(tern_common::DATACENTER_HEADER, dc.clone());
+        }
+        let mut inbound = self.client.clone().io(open).await.map_err(map_status)?.into_inner();
         let p = pending.clone();
         tokio::spawn(async move {
             let why = loop {

@@ -26,6 +26,9 @@ use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::store::{ChunkStore, Volume};
 
+mod leadership;
+pub use leadership::LeadershipStats;
+
 /// A member of the cluster.
 pub use tern_common::NodeAddr;
 
@@ -232,6 +235,10 @@ pub struct Cluster {
     /// their completion, a fence raise exclusively: once a raise returns, no older write is
     /// in flight or to come.
     local_fences: tokio::sync::RwLock<HashMap<u64, u64>>,
+    /// Each group's hand-over state and request origins (see [`leadership`]).
+    handovers: Vec<leadership::Handover>,
+    origins: leadership::Origins,
+    pub leadership: LeadershipStats,
 }
 
 /// The key space (a group id no group has) of the fences of local volumes.
@@ -296,6 +303,7 @@ impl Cluster {
             committed.push(parking_lot::RwLock::new(slot.committed));
             gates.push(parking_lot::RwLock::new(slot.gate));
         }
+        let groups = cfg.groups;
         let reads = (0..=cfg.groups).map(|_| Arc::default()).collect();
         let led_at = (0..=cfg.groups).map(|_| Mutex::new(std::time::Instant::now())).collect();
         let local_fences = opener.meta.fences(LOCAL_FENCES)?.into_iter().collect();
@@ -313,8 +321,12 @@ impl Cluster {
             local_fences: tokio::sync::RwLock::new(local_fences),
             replacement: Arc::default(),
             retired: Mutex::default(),
+            handovers: (0..=groups).map(|_| Default::default()).collect(),
+            origins: Default::default(),
+            leadership: Default::default(),
         });
         tokio::spawn(c.clone().retire_moved_replicas());
+        tokio::spawn(c.clone().follow_the_workload());
         if c.cfg.scrub_rate > 0 {
             tokio::spawn(c.clone().scrub());
         }
@@ -831,6 +843,7 @@ impl Cluster {
     /// Proposes `cmd` to `group` and waits until it is committed and applied here.
     pub async fn propose(&self, group: u32, cmd: Cmd) -> Result<Reply> {
         let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?;
+        let _in_flight = self.enter(group).await;
         self.refuse_if_cut_off(group, &raft)?;
         let write = tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(cmd));
         let answer = tokio::select! {
@@ -868,7 +881,11 @@ impl Cluster {
     /// quorum confirmed it after the read arrived, and it applied everything committed before.
     pub async fn linearize(&self, group: u32) -> Result<()> {
         let raft = self.raft(group).ok_or(Error::NoSuchGroup(group))?.clone();
+        self.wait_hand_over(group).await;
         self.refuse_if_cut_off(group, &raft)?;
+        if self.read_on_lease(group, &raft) {
+            return Ok(());
+        }
         let gate = self.reads[group as usize].clone();
         let (tx, rx) = oneshot::channel();
         let start = {

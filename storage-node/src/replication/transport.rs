@@ -200,6 +200,19 @@ pub struct Transport {
     /// Bytes of chunk group state streamed to other replicas, and received (metrics).
     pub snapshot_sent_bytes: AtomicU64,
     pub snapshot_received_bytes: AtomicU64,
+    /// Per group (index = group): the peers that accepted this node's appends as their
+    /// leader's, with the term and when the newest such append was handed to the transport
+    /// (the base of leader leases: see `Cluster::lease_valid`).
+    acks: Vec<parking_lot::Mutex<Vec<Ack>>>,
+}
+
+/// A peer accepted an append of `term` (any answer but a higher vote: it then refuses to
+/// vote for another candidate for a lease after it got the append).
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    peer: u64,
+    term: u64,
+    sent: Instant,
 }
 
 impl Transport {
@@ -226,7 +239,37 @@ impl Transport {
             epoch,
             snapshot_sent_bytes: AtomicU64::new(0),
             snapshot_received_bytes: AtomicU64::new(0),
+            acks: (0..=groups).map(|_| Default::default()).collect(),
         }))
+    }
+
+    /// Notes that `peer` accepted an append of `term` for `group` that left at `sent`.
+    fn note_ack(&self, group: u32, peer: u64, term: u64, sent: Instant) {
+        let Some(acks) = self.acks.get(group as usize) else { return };
+        let mut acks = acks.lock();
+        match acks.iter_mut().find(|a| a.peer == peer) {
+            Some(a) if (a.term, a.sent) < (term, sent) => *a = Ack { peer, term, sent },
+            Some(_) => {}
+            None => acks.push(Ack { peer, term, sent }),
+        }
+    }
+
+    /// The peers that accepted an append of `term` for `group` sent less than `window` ago.
+    pub fn acked_within(&self, group: u32, term: u64, window: Duration) -> Vec<u64> {
+        let Some(acks) = self.acks.get(group as usize) else { return Vec::new() };
+        let now = Instant::now();
+        acks.lock()
+            .iter()
+            .filter(|a| a.term == term && now.saturating_duration_since(a.sent) < window)
+            .map(|a| a.peer)
+            .collect()
+    }
+
+    /// Forgets `group`'s acknowledgements: no lease survives a leadership hand-over.
+    pub fn forget_acks(&self, group: u32) {
+        if let Some(acks) = self.acks.get(group as usize) {
+            acks.lock().clear();
+        }
     }
 
     /// The peer `id` at `address`, connecting (lazily) if it is new or moved.
@@ -355,7 +398,14 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
-        self.rpc(RaftKind::Append, &rpc, &option).await
+        let (sent, term) = (Instant::now(), rpc.vote.leader_id().term);
+        let resp: AppendEntriesResponse<u64> = self.rpc(RaftKind::Append, &rpc, &option).await?;
+        // Any answer but a higher vote: the peer took this node's vote as its leader's and
+        // refreshed its lease (openraft rejects other candidates' votes within it).
+        if rpc.vote.is_committed() && !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+            self.transport.note_ack(self.group, self.target, term, sent);
+        }
+        Ok(resp)
     }
 
     async fn vote(
@@ -485,8 +535,19 @@ impl TransportService {
                 Err(e) => return fail(format!("bad append-entries payload: {e}")),
             },
             Ok(RaftKind::Vote) => match decode::<VoteRequest<u64>>(&m.payload) {
-                Ok(req) => encode(&raft.vote(req).await),
+                Ok(req) => {
+                    let candidate = req.vote.leader_id().node_id;
+                    match self.cluster.refuses_vote(m.group, candidate) {
+                        Some(refusal) => encode(&Ok::<_, RaftError<u64>>(refusal)),
+                        None => encode(&raft.vote(req).await),
+                    }
+                }
                 Err(e) => return fail(format!("bad vote payload: {e}")),
+            },
+            // The group's leader hands it over to this node: campaign now.
+            Ok(RaftKind::Elect) => match raft.trigger().elect().await {
+                Ok(()) => Vec::new(),
+                Err(e) => return fail(format!("campaigning: {e}")),
             },
             _ => return fail(format!("unknown Raft message kind {}", m.kind)),
         };
