@@ -64,8 +64,10 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+        // A peer's Raft stream carries all its appends on one HTTP/2 stream: let several
+        // 8 MiB batches be in flight on it.
+        .initial_stream_window_size(Some(32 << 20))
+        .initial_connection_window_size(Some(64 << 20))
         // Large frames: a 1 MiB write arrives in a few frames instead of 64 of 16 KiB.
         .max_frame_size(Some(1 << 20))
         .add_service(

@@ -23,6 +23,12 @@ fn check_fault(c: &mut Cluster, volume: &str, fault: impl FnOnce(&mut Cluster)) 
     let w = start_workload(c, volume, 12);
     std::thread::sleep(Duration::from_secs(2));
     fault(c);
+    finish_checked(c, volume, w);
+    c.must_be_alive();
+}
+
+/// Waits for the workload and asserts its history is clean and I/O never stalled too long.
+fn finish_checked(c: &Cluster, volume: &str, w: Workload) {
     let out = w.out.clone();
     let (ok, report) = w.finish();
     assert!(ok, "history check failed\n{report}\n{}", c.logs());
@@ -30,7 +36,6 @@ fn check_fault(c: &mut Cluster, volume: &str, fault: impl FnOnce(&mut Cluster)) 
     eprintln!("{volume}: {summary}");
     let stall = summary["max_write_stall_ms"].as_f64().unwrap();
     assert!(stall < HARD_STALL_LIMIT_MS, "I/O stalled {stall} ms\n{report}\n{}", c.logs());
-    c.must_be_alive();
 }
 
 /// The node leading the most groups (where a fault hurts most).
@@ -132,6 +137,8 @@ fn fio_verify_across_a_node_kill() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // No verify state file left in the working directory.
+            "--verify_state_save=0",
             "--random_generator=tausworthe64",
         ])
         .stdout(Stdio::piped())
@@ -358,13 +365,7 @@ fn leaders_follow_the_frontends_datacenter() {
     c.start_node(1);
     wait_led_by(&c, 2, Duration::from_secs(20), "hand-over after node 2 came back");
 
-    let out = w.out.clone();
-    let (ok, report) = w.finish();
-    assert!(ok, "history check failed\n{report}\n{}", c.logs());
-    let summary = Workload::summary(&out);
-    eprintln!("near: {summary}");
-    let stall = summary["max_write_stall_ms"].as_f64().unwrap();
-    assert!(stall < HARD_STALL_LIMIT_MS, "I/O stalled {stall} ms\n{report}\n{}", c.logs());
+    finish_checked(&c, "near", w);
 
     let page = tern_tests::metrics::must_scrape(c.nodes[1].metrics_addr.unwrap());
     let lease = tern_tests::metrics::sample(

@@ -416,6 +416,8 @@ fn fio_verify_holds_while_snapshots_come_and_go() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // No verify state file left in the working directory.
+            "--verify_state_save=0",
             "--random_generator=tausworthe64",
         ])
         .stdout(Stdio::piped())

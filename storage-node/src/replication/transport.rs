@@ -1,10 +1,13 @@
 //! Raft traffic between storage nodes.
 //!
 //! Each peer node has one [`Peer`]: two lanes (TCP connections), one for small messages
-//! (heartbeats, votes, small appends) and one for appends carrying data, each with a task
-//! that batches the messages of all chunk groups into `RaftTransport.Send` calls. Up to
-//! [`MAX_IN_FLIGHT`] batches are outstanding per lane; while they are, new messages queue and
-//! leave together in the next batch, so hundreds of groups' heartbeats cost a few RPCs.
+//! (heartbeats, votes, small appends) and one for appends carrying data. Each lane keeps one
+//! long-lived `RaftTransport.Stream` and a task that batches the queued messages of all chunk
+//! groups into `RaftBatch`es on it, so hundreds of groups' heartbeats cost a few frames. The
+//! peer answers each message as soon as its group handled it (replies carry the message's
+//! id), so an append waiting for a durable barrier holds up no other group. A peer without
+//! `Stream` (an older build) gets unary `RaftTransport.Send` batches, [`MAX_IN_FLIGHT`] at a
+//! time.
 //!
 //! A test-only fault switch ([`Transport::set_isolated`], enabled by `--fault-injection`)
 //! drops all traffic to and from chosen nodes, as a network partition would.
@@ -104,14 +107,25 @@ struct Heard {
     epoch: Instant,
 }
 
-/// Starts a lane: a task batching queued messages into `RaftTransport.Send` calls.
+impl Heard {
+    fn now(&self) {
+        // At least 1: 0 means never.
+        let ms = self.epoch.elapsed().as_millis().max(1) as u64;
+        self.at.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Starts a lane: a task batching queued messages onto one `RaftTransport.Stream` (opened on
+/// first use and again after it breaks). A peer that does not know `Stream` (an older build,
+/// during a rolling upgrade) gets unary `Send` calls instead.
 fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSender<Outgoing> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut held: Option<Outgoing> = None;
+        let mut stream: Option<LaneStream> = None;
+        let mut unary = false;
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
             let first = match held.take() {
                 Some(m) => m,
                 None => match rx.recv().await {
@@ -134,37 +148,162 @@ fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSend
                     Err(_) => break,
                 }
             }
-            let mut client = client.clone();
-            let heard = heard.clone();
-            tokio::spawn(async move {
-                let (messages, waiters): (Vec<_>, Vec<_>) =
-                    batch.into_iter().map(|o| (o.msg, o.reply)).unzip();
-                match client.send(v1::RaftBatch { from, to, messages }).await {
-                    Ok(r) => {
-                        // At least 1: 0 means never.
-                        let ms = heard.epoch.elapsed().as_millis().max(1) as u64;
-                        heard.at.store(ms, Ordering::Relaxed);
-                        let mut replies = r.into_inner().replies.into_iter();
-                        for w in waiters {
-                            let reply = match replies.next() {
-                                Some(r) if r.error.is_empty() => Ok(r.payload.to_vec()),
-                                Some(r) => Err(r.error),
-                                None => Err("peer sent too few replies".to_string()),
-                            };
-                            let _ = w.send(reply);
-                        }
+            if unary {
+                let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                tokio::spawn(send_unary(from, to, client.clone(), heard.clone(), batch, permit));
+                continue;
+            }
+            if stream.as_ref().is_none_or(LaneStream::broken) {
+                match LaneStream::open(client.clone(), heard.clone()).await {
+                    Ok(s) => stream = Some(s),
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        tracing::info!(peer = to, "peer has no Raft stream: unary batches");
+                        unary = true;
+                        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                        tokio::spawn(send_unary(
+                            from,
+                            to,
+                            client.clone(),
+                            heard.clone(),
+                            batch,
+                            permit,
+                        ));
+                        continue;
                     }
                     Err(s) => {
-                        for w in waiters {
-                            let _ = w.send(Err(format!("{}: {}", s.code(), s.message())));
+                        for o in batch {
+                            let _ = o.reply.send(Err(format!("{}: {}", s.code(), s.message())));
                         }
+                        continue;
                     }
                 }
-                drop(permit);
-            });
+            }
+            let s = stream.as_mut().expect("stream just opened");
+            let messages = s.register(batch);
+            if !messages.is_empty()
+                && s.tx.send(v1::RaftBatch { from, to, messages }).await.is_err()
+            {
+                // The stream broke; its reader fails what was registered on it.
+                s.close();
+            }
         }
     });
     tx
+}
+
+/// One batch as a unary `Send` call (peers without `Stream`).
+async fn send_unary(
+    from: u64,
+    to: u64,
+    mut client: Client,
+    heard: Heard,
+    batch: Vec<Outgoing>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (messages, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|o| (o.msg, o.reply)).unzip();
+    match client.send(v1::RaftBatch { from, to, messages }).await {
+        Ok(r) => {
+            heard.now();
+            let mut replies = r.into_inner().replies.into_iter();
+            for w in waiters {
+                let _ = w.send(reply_of(replies.next()));
+            }
+        }
+        Err(s) => {
+            for w in waiters {
+                let _ = w.send(Err(format!("{}: {}", s.code(), s.message())));
+            }
+        }
+    }
+    drop(permit);
+}
+
+fn reply_of(r: Option<v1::RaftReply>) -> Reply {
+    match r {
+        Some(r) if r.error.is_empty() => Ok(r.payload.to_vec()),
+        Some(r) => Err(r.error),
+        None => Err("peer sent too few replies".to_string()),
+    }
+}
+
+/// Who waits for which message of a lane's stream; `None` once the stream ended.
+type Waiters = Arc<parking_lot::Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+
+/// A lane's open `RaftTransport.Stream`.
+struct LaneStream {
+    tx: mpsc::Sender<v1::RaftBatch>,
+    waiters: Waiters,
+    next_id: u64,
+}
+
+/// Batches queued on a lane's stream before the lane waits.
+const STREAM_DEPTH: usize = 64;
+/// Waiters kept before those that gave up (timed out) are dropped.
+const WAITERS_SWEEP: usize = 4096;
+
+impl LaneStream {
+    async fn open(mut client: Client, heard: Heard) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        let mut inbound =
+            client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let waiters: Waiters = Arc::new(parking_lot::Mutex::new(Some(HashMap::new())));
+        let w = waiters.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) => {
+                        heard.now();
+                        let mut w = w.lock();
+                        let Some(map) = w.as_mut() else { return };
+                        for r in batch.replies {
+                            if let Some(waiter) = map.remove(&r.id) {
+                                let _ = waiter.send(reply_of(Some(r)));
+                            }
+                        }
+                    }
+                    Ok(None) => break "peer closed the Raft stream".to_string(),
+                    Err(s) => break format!("{}: {}", s.code(), s.message()),
+                }
+            };
+            // Everything still waiting fails now (openraft retries); the next batch reopens.
+            for (_, waiter) in w.lock().take().into_iter().flatten() {
+                let _ = waiter.send(Err(why.clone()));
+            }
+        });
+        Ok(Self { tx, waiters, next_id: 0 })
+    }
+
+    fn broken(&self) -> bool {
+        self.tx.is_closed() || self.waiters.lock().is_none()
+    }
+
+    fn close(&mut self) {
+        for (_, waiter) in self.waiters.lock().take().into_iter().flatten() {
+            let _ = waiter.send(Err("Raft stream closed".to_string()));
+        }
+    }
+
+    /// Numbers `batch`'s messages and notes who waits for each reply.
+    fn register(&mut self, batch: Vec<Outgoing>) -> Vec<v1::RaftMessage> {
+        let mut w = self.waiters.lock();
+        let Some(map) = w.as_mut() else {
+            for o in batch {
+                let _ = o.reply.send(Err("Raft stream closed".to_string()));
+            }
+            return Vec::new();
+        };
+        if map.len() >= WAITERS_SWEEP {
+            map.retain(|_, waiter| !waiter.is_closed());
+        }
+        batch
+            .into_iter()
+            .map(|o| {
+                self.next_id += 1;
+                map.insert(self.next_id, o.reply);
+                v1::RaftMessage { id: self.next_id, ..o.msg }
+            })
+            .collect()
+    }
 }
 
 /// Why a message got no answer.
@@ -326,7 +465,7 @@ impl Transport {
         }
         let peer = self.peer(to).ok_or(SendError::UnknownNode(to))?;
         let (w, r) = oneshot::channel();
-        let msg = v1::RaftMessage { group, kind: kind as i32, payload: payload.into() };
+        let msg = v1::RaftMessage { group, kind: kind as i32, payload: payload.into(), id: 0 };
         peer.send(Outgoing { msg, reply: w })
             .map_err(|_| SendError::Failed(to, "transport stopped".into()))?;
         match tokio::time::timeout(ttl, r).await {
@@ -519,13 +658,34 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
 }
 
 /// The receiving side: `RaftTransport` on every node of a cluster.
+#[derive(Clone)]
 pub struct TransportService {
     pub cluster: Arc<super::Cluster>,
 }
 
 impl TransportService {
+    /// Checks that a batch is for this node and not cut off by the fault switch.
+    fn admit(&self, b: &v1::RaftBatch) -> Result<(), tonic::Status> {
+        let me = self.cluster.transport().node_id();
+        if b.to != me {
+            return Err(tonic::Status::failed_precondition(format!(
+                "batch for node {} reached node {me}",
+                b.to
+            )));
+        }
+        if self.cluster.transport().is_isolated(b.from) {
+            return Err(tonic::Status::unavailable("cut off by the fault switch"));
+        }
+        Ok(())
+    }
+
     async fn deliver(&self, m: v1::RaftMessage) -> v1::RaftReply {
-        let fail = |e: String| v1::RaftReply { payload: Default::default(), error: e };
+        let id = m.id;
+        v1::RaftReply { id, ..self.handle(m).await }
+    }
+
+    async fn handle(&self, m: v1::RaftMessage) -> v1::RaftReply {
+        let fail = |e: String| v1::RaftReply { error: e, ..Default::default() };
         let Some(raft) = self.cluster.raft(m.group) else {
             return fail(format!("no chunk group {}", m.group));
         };
@@ -551,9 +711,14 @@ impl TransportService {
             },
             _ => return fail(format!("unknown Raft message kind {}", m.kind)),
         };
-        v1::RaftReply { payload: payload.into(), error: String::new() }
+        v1::RaftReply { payload: payload.into(), ..Default::default() }
     }
 }
+
+/// Replies of one `RaftTransport.Stream`.
+pub type RaftReplies = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<v1::RaftBatchReply, tonic::Status>> + Send>,
+>;
 
 #[tonic::async_trait]
 impl v1::raft_transport_server::RaftTransport for TransportService {
@@ -562,20 +727,70 @@ impl v1::raft_transport_server::RaftTransport for TransportService {
         req: tonic::Request<v1::RaftBatch>,
     ) -> Result<tonic::Response<v1::RaftBatchReply>, tonic::Status> {
         let b = req.into_inner();
-        let me = self.cluster.transport().node_id();
-        if b.to != me {
-            return Err(tonic::Status::failed_precondition(format!(
-                "batch for node {} reached node {me}",
-                b.to
-            )));
-        }
-        if self.cluster.transport().is_isolated(b.from) {
-            return Err(tonic::Status::unavailable("cut off by the fault switch"));
-        }
+        self.admit(&b)?;
         // Messages of different groups run concurrently; each group's Raft core orders its own.
         let replies =
             futures::future::join_all(b.messages.into_iter().map(|m| self.deliver(m))).await;
         Ok(tonic::Response::new(v1::RaftBatchReply { replies }))
+    }
+
+    type StreamStream = RaftReplies;
+
+    /// One task per stream runs its messages concurrently and sends each reply as soon as its
+    /// group answered, together with the others ready at that moment.
+    async fn stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<v1::RaftBatch>>,
+    ) -> Result<tonic::Response<RaftReplies>, tonic::Status> {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        use futures::FutureExt;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut running = FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(first) = running.next(), if !running.is_empty() => {
+                        let mut replies = vec![first];
+                        while let Some(Some(r)) = running.next().now_or_never() {
+                            replies.push(r);
+                        }
+                        if tx.send(Ok(v1::RaftBatchReply { replies })).await.is_err() {
+                            return;
+                        }
+                    }
+                    batch = inbound.message(), if open => match batch {
+                        Ok(Some(b)) => {
+                            let refused = svc.admit(&b).err();
+                            for m in b.messages {
+                                let svc = svc.clone();
+                                let refused = refused.clone();
+                                running.push(async move {
+                                    match refused {
+                                        Some(s) => v1::RaftReply {
+                                            id: m.id,
+                                            error: s.message().to_string(),
+                                            ..Default::default()
+                                        },
+                                        None => svc.deliver(m).await,
+                                    }
+                                });
+                            }
+                        }
+                        Ok(None) => open = false,
+                        Err(e) => {
+                            tracing::debug!(%e, "Raft stream ended");
+                            open = false;
+                        }
+                    },
+                    else => return,
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     /// Stages a snapshot stream in a file, then hands it to the group's Raft, which installs
@@ -704,5 +919,104 @@ struct AbortOnDrop(tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Request, Response, Status};
+
+    /// A peer of an older build: unary `Send` only. Answers each message with its own
+    /// payload reversed, and counts the batches.
+    #[derive(Clone, Default)]
+    struct OldPeer {
+        batches: Arc<AtomicU64>,
+    }
+
+    #[tonic::async_trait]
+    impl v1::raft_transport_server::RaftTransport for OldPeer {
+        async fn send(
+            &self,
+            req: Request<v1::RaftBatch>,
+        ) -> Result<Response<v1::RaftBatchReply>, Status> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            let replies = req
+                .into_inner()
+                .messages
+                .into_iter()
+                .map(|m| {
+                    let mut p = m.payload.to_vec();
+                    p.reverse();
+                    v1::RaftReply { payload: p.into(), ..Default::default() }
+                })
+                .collect();
+            Ok(Response::new(v1::RaftBatchReply { replies }))
+        }
+        type StreamStream = RaftReplies;
+        async fn stream(
+            &self,
+            _: Request<tonic::Streaming<v1::RaftBatch>>,
+        ) -> Result<Response<RaftReplies>, Status> {
+            Err(Status::unimplemented("not in this build"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<tonic::Streaming<v1::SnapshotPart>>,
+        ) -> Result<Response<v1::SnapshotReply>, Status> {
+            Err(Status::unimplemented("-"))
+        }
+        async fn set_faults(
+            &self,
+            _: Request<v1::SetFaultsRequest>,
+        ) -> Result<Response<v1::SetFaultsReply>, Status> {
+            Err(Status::unimplemented("-"))
+        }
+        async fn digest(
+            &self,
+            _: Request<v1::DigestRequest>,
+        ) -> Result<Response<v1::DigestReply>, Status> {
+            Err(Status::unimplemented("-"))
+        }
+        async fn fetch_block(
+            &self,
+            _: Request<v1::FetchBlockRequest>,
+        ) -> Result<Response<v1::FetchBlockReply>, Status> {
+            Err(Status::unimplemented("-"))
+        }
+    }
+
+    /// During a rolling upgrade a peer may not know `Stream`: its messages go as unary
+    /// batches and every answer reaches its caller.
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_unary_batches() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = OldPeer::default();
+        let server = tonic::transport::Server::builder()
+            .add_service(v1::raft_transport_server::RaftTransportServer::new(peer.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(crate::store::StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            engine: crate::engine::EngineKind::Sync,
+            direct_io: false,
+        })
+        .unwrap();
+        let t = Transport::new(1, &[(1, "127.0.0.1:1".into()), (2, addr.to_string())], store, 4)
+            .unwrap();
+        let calls = (0..50u8).map(|i| {
+            let t = t.clone();
+            async move {
+                let r = t.call(2, 1, RaftKind::Append, vec![i, 1, 2], Duration::from_secs(5)).await;
+                (i, r)
+            }
+        });
+        for (i, r) in futures::future::join_all(calls).await {
+            assert_eq!(r.unwrap(), vec![2, 1, i], "message {i}");
+        }
+        let batches = peer.batches.load(Ordering::SeqCst);
+        assert!((1..=50).contains(&batches), "{batches} unary batches");
     }
 }
