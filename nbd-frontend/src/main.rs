@@ -11,6 +11,11 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
+/// mimalloc: small allocations (request buffers, log entries, messages) on every I/O; glibc's
+/// malloc cost about a tenth of a node's CPU under 4 KiB random writes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "tern-nbd-frontend", version, about = "Serves Tern volumes over NBD")]
 struct Args {
