@@ -26,7 +26,7 @@ use crate::replication::{Cluster, Member};
 use crate::store::ChunkStore;
 
 /// A voter whose node has not answered any Raft message for this long makes the groups this
-/// node leads degraded (heartbeats go every 100 ms; elections start after 500-1000 ms).
+/// node leads degraded (heartbeats go every 100 ms; elections start after 1.2-1.6 s of silence).
 pub const PEER_SILENCE: Duration = Duration::from_secs(1);
 
 /// The node's registry and the handles the data path counts with.

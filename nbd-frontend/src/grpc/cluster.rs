@@ -28,7 +28,7 @@ pub(crate) const RETRY_BUDGET: Duration = Duration::from_secs(30);
 /// The first pause before a retry; pauses double up to [`MAX_PAUSE`]. An election takes a few
 /// hundred milliseconds: short pauses find the new leader soon after it is there.
 const FIRST_PAUSE: Duration = Duration::from_millis(20);
-const MAX_PAUSE: Duration = Duration::from_millis(250);
+const MAX_PAUSE: Duration = Duration::from_millis(100);
 /// Redirects followed at once before pausing: two nodes that each name the other (both with a
 /// stale view) must not make a request spin.
 const MAX_HOPS: u32 = 3;

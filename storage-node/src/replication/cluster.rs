@@ -239,6 +239,8 @@ pub struct Cluster {
     handovers: Vec<leadership::Handover>,
     origins: leadership::Origins,
     pub leadership: LeadershipStats,
+    /// When the cluster started (the origin of times kept in milliseconds).
+    started: std::time::Instant,
 }
 
 /// The key space (a group id no group has) of the fences of local volumes.
@@ -255,7 +257,7 @@ struct GroupOpener {
 /// perhaps elsewhere): a leader cut off from its quorum never completes them.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A leader without a quorum's acknowledgement for this long stops taking requests (the
-/// followers elect a new leader after 500-1000 ms of silence; heartbeats go every 100 ms).
+/// followers elect a new leader after 1.2-1.6 s of silence; heartbeats go every 100 ms).
 const QUORUM_SILENCE_MS: u64 = 500;
 /// How often waiting requests check that their leader still has its quorum.
 const CUT_OFF_POLL: Duration = Duration::from_millis(100);
@@ -324,9 +326,11 @@ impl Cluster {
             handovers: (0..=groups).map(|_| Default::default()).collect(),
             origins: Default::default(),
             leadership: Default::default(),
+            started: std::time::Instant::now(),
         });
         tokio::spawn(c.clone().retire_moved_replicas());
         tokio::spawn(c.clone().follow_the_workload());
+        tokio::spawn(c.clone().campaign_when_leader_silent());
         if c.cfg.scrub_rate > 0 {
             tokio::spawn(c.clone().scrub());
         }

@@ -691,7 +691,10 @@ impl TransportService {
         };
         let payload = match RaftKind::try_from(m.kind) {
             Ok(RaftKind::Append) => match decode::<AppendEntriesRequest<TypeConfig>>(&m.payload) {
-                Ok(req) => encode(&raft.append_entries(req).await),
+                Ok(req) => {
+                    self.cluster.heard_from_leader(m.group);
+                    encode(&raft.append_entries(req).await)
+                }
                 Err(e) => return fail(format!("bad append-entries payload: {e}")),
             },
             Ok(RaftKind::Vote) => match decode::<VoteRequest<u64>>(&m.payload) {

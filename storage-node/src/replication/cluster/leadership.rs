@@ -4,10 +4,10 @@
 //!   quorum of its group accepted its appends within [`READ_LEASE`] (the transport notes each
 //!   accepted append with the time it left: `Transport::acked_within`). No other leader can be
 //!   elected in that time: a follower that accepted an append refuses other candidates for
-//!   openraft's leader lease (`election_timeout_max`, 1000 ms) after it got it, and the leader
+//!   openraft's leader lease (`election_timeout_max`, 800 ms) after it got it, and the leader
 //!   itself refuses them while its quorum is fresh within [`VOTE_LEASE`]
-//!   ([`Cluster::refuses_vote`]). The margin between 700 and 1000 ms covers clocks that run
-//!   at slightly different rates. A leader that has not applied an entry of its own term yet
+//!   ([`Cluster::refuses_vote`]). The margin between the read lease (70% of it) and the vote
+//!   lease covers clocks that run at slightly different rates. A leader that has not applied an entry of its own term yet
 //!   (the blank entry every new leader commits) uses no lease: entries acknowledged by the
 //!   previous leader might not be applied here.
 //! - **Hand-over** ([`Cluster::hand_over`]): the leader stops taking requests for the group,
@@ -16,6 +16,12 @@
 //!   long past), so the target wins at once with the old leader's vote: a pause of a few
 //!   milliseconds, not an election timeout. Requests that waited are then sent to the new
 //!   leader.
+//! - **Prompt elections** ([`Cluster::campaign_when_leader_silent`]): a follower that has
+//!   heard nothing from its leader for the leader lease plus a margin campaigns at once,
+//!   instead of waiting out openraft's randomized election timeout on top of the lease. The
+//!   group's followers take turns (150 ms apart, by id) so they do not split the vote. Once
+//!   the lease is over the other follower grants its vote, so a dead leader's groups elect
+//!   about 0.9-1.1 s after it died instead of 1.2-1.6 s.
 //! - **Following the workload** ([`Cluster::follow_the_workload`]): frontends name their
 //!   datacenter when they open an `Io` stream; a leader counts the requests each group gets
 //!   from each datacenter and hands the group over to its replica in the datacenter that
@@ -33,12 +39,13 @@ use tokio::sync::Notify;
 
 use super::{Cluster, Raft};
 use crate::error::{Error, Result};
+use crate::replication::ELECTION_TIMEOUT_MAX_MS;
 
 /// Reads are served on the lease while a quorum accepted appends sent this recently.
-const READ_LEASE: Duration = Duration::from_millis(700);
+const READ_LEASE: Duration = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS * 7 / 10);
 /// The leader refuses other candidates' votes while a quorum accepted appends sent this
 /// recently (openraft's lease on followers: `election_timeout_max`).
-const VOTE_LEASE: Duration = Duration::from_millis(1000);
+const VOTE_LEASE: Duration = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
 /// How long a hand-over waits for requests in flight, for the target to catch up, and for
 /// the target to win.
 const HAND_OVER_STEP: Duration = Duration::from_secs(1);
@@ -49,6 +56,13 @@ const PLAN_EVERY: Duration = Duration::from_secs(2);
 const SETTLED_FOR: Duration = Duration::from_secs(3);
 /// Requests a group must get in a planning round before its leader moves for them.
 const MIN_REQUESTS: u32 = 16;
+/// A follower campaigns once its leader was silent this long past the lease, plus
+/// [`CAMPAIGN_STAGGER`] for each follower of the group with a lower id.
+const CAMPAIGN_MARGIN: Duration = Duration::from_millis(50);
+const CAMPAIGN_STAGGER: Duration = Duration::from_millis(150);
+/// How often followers look for silent leaders.
+const SILENCE_CHECK: Duration = Duration::from_millis(50);
+
 /// Datacenters whose requests are counted (more are not counted).
 pub(super) const MAX_ORIGINS: usize = 8;
 
@@ -63,6 +77,9 @@ pub(super) struct Handover {
     over: Notify,
     /// Requests from each datacenter (index in `Origins`) since the last planning round.
     pub(super) requests: [AtomicU32; MAX_ORIGINS],
+    /// When this node last got an append (heartbeats included) for the group, in
+    /// milliseconds since the cluster started (0: never).
+    heard: AtomicU64,
 }
 
 /// Datacenter names, in the order frontends first named them.
@@ -233,6 +250,73 @@ impl Cluster {
         until(|| raft.metrics().borrow().current_leader != Some(me), "the target to win").await?;
         self.transport.forget_acks(group);
         Ok(())
+    }
+
+    /// Notes that an append for `group` arrived from its leader.
+    pub fn heard_from_leader(&self, group: u32) {
+        if let Some(h) = self.handovers.get(group as usize) {
+            let ms = self.started.elapsed().as_millis().max(1) as u64;
+            h.heard.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Every [`SILENCE_CHECK`]: each group whose leader has been silent past its lease (see
+    /// the module docs) gets a campaign from this node, once per leader term.
+    pub(super) async fn campaign_when_leader_silent(self: std::sync::Arc<Self>) {
+        let me = self.cfg.node_id;
+        let lease = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS) + CAMPAIGN_MARGIN;
+        // The term in which this node last campaigned early, per group.
+        let mut campaigned: HashMap<u32, u64> = HashMap::new();
+        let mut last_look = self.started.elapsed();
+        loop {
+            tokio::time::sleep(SILENCE_CHECK).await;
+            let now = self.started.elapsed();
+            // This node was frozen or starved of CPU: the silence may be its own. Let the
+            // leaders' next heartbeats arrive first.
+            if now.saturating_sub(last_look) > SILENCE_CHECK * 4 {
+                last_look = now;
+                continue;
+            }
+            last_look = now;
+            for group in 0..=self.cfg.groups {
+                let heard = self.handovers[group as usize].heard.load(Ordering::Relaxed);
+                if heard == 0 {
+                    continue;
+                }
+                let silent = now.saturating_sub(Duration::from_millis(heard));
+                if silent < lease {
+                    continue;
+                }
+                let Some(raft) = self.raft(group) else { continue };
+                let (term, turn) = {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    let Some(leader) = m.current_leader.filter(|l| *l != me) else { continue };
+                    if m.state != openraft::ServerState::Follower {
+                        continue;
+                    }
+                    let configs = m.membership_config.membership().get_joint_config();
+                    let [voters] = configs.as_slice() else { continue };
+                    if !voters.contains(&me) {
+                        continue;
+                    }
+                    let turn = voters.iter().filter(|v| **v != leader && **v < me).count() as u32;
+                    (m.current_term, turn)
+                };
+                if silent < lease + CAMPAIGN_STAGGER * turn || campaigned.get(&group) == Some(&term)
+                {
+                    continue;
+                }
+                campaigned.insert(group, term);
+                tracing::info!(
+                    group,
+                    term,
+                    silent_ms = silent.as_millis() as u64,
+                    "leader silent past its lease: campaigning"
+                );
+                let _ = raft.trigger().elect().await;
+            }
+        }
     }
 
     /// The index of datacenter `name` among request origins (`None`: too many).
