@@ -737,7 +737,7 @@ mod tests {
             seen.push(p);
         }
         let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![20, 40, 80, 160, 250, 250]);
+        assert_eq!(ms, vec![20, 40, 80, 100, 100, 100]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tern_proto::v1::{
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use super::{map_status, Reply};
+use super::Reply;
 use crate::backend::BackendError;
 
 /// `Io` streams (and HTTP/2 connections) to each storage node for data.
@@ -160,7 +160,18 @@ impl Lane {
         if let Some(dc) = DATACENTER.get() {
             open.metadata_mut().insert(tern_common::DATACENTER_HEADER, dc.clone());
         }
-        let mut inbound = self.client.clone().io(open).await.map_err(map_status)?.into_inner();
+        // A stream that cannot be opened is the node's or the connection's trouble, whatever
+        // the status says ("transport error" comes as UNKNOWN when a connection breaks while
+        // the stream starts): another node, or a later try, may do. Never a request's error.
+        let mut inbound = self
+            .client
+            .clone()
+            .io(open)
+            .await
+            .map_err(|s| {
+                BackendError::Unavailable(format!("opening an I/O stream: {}", s.message()))
+            })?
+            .into_inner();
         let p = pending.clone();
         tokio::spawn(async move {
             let why = loop {
