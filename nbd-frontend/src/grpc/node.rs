@@ -15,7 +15,7 @@ use tern_proto::v1::{
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use super::Reply;
+use super::{map_status, Reply};
 use crate::backend::BackendError;
 
 /// `Io` streams (and HTTP/2 connections) to each storage node for data.
@@ -160,16 +160,19 @@ impl Lane {
         if let Some(dc) = DATACENTER.get() {
             open.metadata_mut().insert(tern_common::DATACENTER_HEADER, dc.clone());
         }
-        // A stream that cannot be opened is the node's or the connection's trouble, whatever
-        // the status says ("transport error" comes as UNKNOWN when a connection breaks while
-        // the stream starts): another node, or a later try, may do. Never a request's error.
+        // A stream that cannot be opened for no stated reason is the node's or the
+        // connection's trouble ("transport error" comes as UNKNOWN when a connection breaks
+        // while the stream starts): another node, or a later try, may do. Not EIO.
         let mut inbound = self
             .client
             .clone()
             .io(open)
             .await
-            .map_err(|s| {
-                BackendError::Unavailable(format!("opening an I/O stream: {}", s.message()))
+            .map_err(|s| match map_status(s) {
+                BackendError::Io(m) => {
+                    BackendError::Unavailable(format!("opening an I/O stream: {m}"))
+                }
+                e => e,
             })?
             .into_inner();
         let p = pending.clone();

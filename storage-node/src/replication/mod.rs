@@ -237,9 +237,10 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, binc
 /// lease rests (see `cluster::leadership`).
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
 
-/// Raft timing: heartbeats every 100 ms. A follower campaigns once its leader lease
-/// ([`ELECTION_TIMEOUT_MAX_MS`]) and then an election timeout of 400-800 ms passed without
-/// word from its leader, so a dead leader is replaced within 1.2-1.6 s. Hundreds of groups
+/// Raft timing: heartbeats every 100 ms. openraft makes a follower campaign once its leader
+/// lease ([`ELECTION_TIMEOUT_MAX_MS`]) and then an election timeout of 400-800 ms passed
+/// without word from its leader (1.2-1.6 s); a follower whose leader's node fell silent
+/// altogether campaigns sooner, 850 ms in (`cluster::leadership`). Hundreds of groups
 /// share one connection per peer, where their heartbeats are batched.
 ///
 /// Log compaction: a snapshot (only its meta: see [`snapshot`]) every `snapshot_every`

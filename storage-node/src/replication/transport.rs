@@ -76,6 +76,11 @@ impl Peer {
         let ep = Endpoint::from_shared(format!("http://{address}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
+            // A peer that vanished without closing the connection (power loss, a silent
+            // network) is noticed, and its streams reopened, within a few seconds.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20);
         let client = || {
@@ -297,6 +302,9 @@ impl LaneStream {
         }
         batch
             .into_iter()
+            // Callers that gave up (timed out) need no message: a late vote or hand-over
+            // request would only confuse the peer.
+            .filter(|o| !o.reply.is_closed())
             .map(|o| {
                 self.next_id += 1;
                 map.insert(self.next_id, o.reply);
@@ -343,6 +351,8 @@ pub struct Transport {
     /// leader's, with the term and when the newest such append was handed to the transport
     /// (the base of leader leases: see `Cluster::lease_valid`).
     acks: Vec<parking_lot::Mutex<Vec<Ack>>>,
+    /// When each peer last sent this node a batch (any group's messages).
+    heard_nodes: parking_lot::Mutex<HashMap<u64, Instant>>,
 }
 
 /// A peer accepted an append of `term` (any answer but a higher vote: it then refuses to
@@ -379,6 +389,7 @@ impl Transport {
             snapshot_sent_bytes: AtomicU64::new(0),
             snapshot_received_bytes: AtomicU64::new(0),
             acks: (0..=groups).map(|_| Default::default()).collect(),
+            heard_nodes: Default::default(),
         }))
     }
 
@@ -402,6 +413,15 @@ impl Transport {
             .filter(|a| a.term == term && now.saturating_duration_since(a.sent) < window)
             .map(|a| a.peer)
             .collect()
+    }
+
+    /// How long ago `node` last sent this node a batch (`None`: never since the start).
+    pub fn heard_from_node(&self, node: u64) -> Option<Duration> {
+        self.heard_nodes.lock().get(&node).map(Instant::elapsed)
+    }
+
+    fn note_heard_from(&self, node: u64) {
+        self.heard_nodes.lock().insert(node, Instant::now());
     }
 
     /// Forgets `group`'s acknowledgements: no lease survives a leadership hand-over.
@@ -666,16 +686,18 @@ pub struct TransportService {
 impl TransportService {
     /// Checks that a batch is for this node and not cut off by the fault switch.
     fn admit(&self, b: &v1::RaftBatch) -> Result<(), tonic::Status> {
-        let me = self.cluster.transport().node_id();
+        let t = self.cluster.transport();
+        let me = t.node_id();
         if b.to != me {
             return Err(tonic::Status::failed_precondition(format!(
                 "batch for node {} reached node {me}",
                 b.to
             )));
         }
-        if self.cluster.transport().is_isolated(b.from) {
+        if t.is_isolated(b.from) {
             return Err(tonic::Status::unavailable("cut off by the fault switch"));
         }
+        t.note_heard_from(b.from);
         Ok(())
     }
 
@@ -698,19 +720,18 @@ impl TransportService {
                 Err(e) => return fail(format!("bad append-entries payload: {e}")),
             },
             Ok(RaftKind::Vote) => match decode::<VoteRequest<u64>>(&m.payload) {
-                Ok(req) => {
-                    let candidate = req.vote.leader_id().node_id;
-                    match self.cluster.refuses_vote(m.group, candidate) {
-                        Some(refusal) => encode(&Ok::<_, RaftError<u64>>(refusal)),
-                        None => encode(&raft.vote(req).await),
-                    }
-                }
+                Ok(req) => encode(&self.cluster.vote(m.group, &raft, req).await),
                 Err(e) => return fail(format!("bad vote payload: {e}")),
             },
-            // The group's leader hands it over to this node: campaign now.
-            Ok(RaftKind::Elect) => match raft.trigger().elect().await {
-                Ok(()) => Vec::new(),
-                Err(e) => return fail(format!("campaigning: {e}")),
+            // The group's leader hands it over to this node: campaign now, if this node still
+            // follows that leader in that term (a late or repeated request does nothing).
+            Ok(RaftKind::Elect) => match decode::<openraft::Vote<u64>>(&m.payload) {
+                Ok(v) if raft.metrics().borrow().vote == v => match raft.trigger().elect().await {
+                    Ok(()) => Vec::new(),
+                    Err(e) => return fail(format!("campaigning: {e}")),
+                },
+                Ok(v) => return fail(format!("stale hand-over from {v}: not campaigning")),
+                Err(e) => return fail(format!("bad hand-over payload: {e}")),
             },
             _ => return fail(format!("unknown Raft message kind {}", m.kind)),
         };

@@ -17,7 +17,8 @@
 //!   milliseconds, not an election timeout. Requests that waited are then sent to the new
 //!   leader.
 //! - **Prompt elections** ([`Cluster::campaign_when_leader_silent`]): a follower that has
-//!   heard nothing from its leader for the leader lease plus a margin campaigns at once,
+//!   heard nothing from its leader's node (no group's message) for the leader lease plus a
+//!   margin campaigns at once,
 //!   instead of waiting out openraft's randomized election timeout on top of the lease. The
 //!   group's followers take turns (150 ms apart, by id) so they do not split the vote. Once
 //!   the lease is over the other follower grants its vote, so a dead leader's groups elect
@@ -80,6 +81,12 @@ pub(super) struct Handover {
     /// When this node last got an append (heartbeats included) for the group, in
     /// milliseconds since the cluster started (0: never).
     heard: AtomicU64,
+    /// A term in which this node serves no reads on its lease: it asked another voter to
+    /// campaign in it, or granted another candidate its vote (0: none).
+    no_lease_term: AtomicU64,
+    /// Vote requests being handled by openraft: no lease while one is (its grant would end
+    /// this node's leadership before the metrics say so).
+    votes_in_flight: AtomicUsize,
 }
 
 /// Datacenter names, in the order frontends first named them.
@@ -121,6 +128,12 @@ impl Cluster {
         if m.last_applied.as_ref().map(|l| l.leader_id.term) != Some(term) {
             return false;
         }
+        let h = &self.handovers[group as usize];
+        if h.votes_in_flight.load(Ordering::SeqCst) > 0
+            || h.no_lease_term.load(Ordering::SeqCst) == term
+        {
+            return false;
+        }
         let configs = m.membership_config.membership().get_joint_config();
         let [voters] = configs.as_slice() else { return false };
         let acked = self.transport.acked_within(group, term, window);
@@ -138,10 +151,33 @@ impl Cluster {
         ok
     }
 
+    /// Handles a vote request for `group`: refused while this node leads with a fresh lease
+    /// (reads served on it rely on that), else openraft's answer. While openraft handles it,
+    /// and for the rest of the term if it granted the vote, this node uses no lease.
+    pub async fn vote(
+        &self,
+        group: u32,
+        raft: &Raft,
+        req: openraft::raft::VoteRequest<u64>,
+    ) -> std::result::Result<VoteResponse<u64>, openraft::error::RaftError<u64>> {
+        let candidate = req.vote.leader_id().node_id;
+        if let Some(refusal) = self.refuses_vote(group, candidate) {
+            return Ok(refusal);
+        }
+        let Some(h) = self.handovers.get(group as usize) else { return raft.vote(req).await };
+        let term = raft.metrics().borrow().current_term;
+        h.votes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let r = raft.vote(req).await;
+        if r.as_ref().is_ok_and(|v| v.vote_granted) {
+            h.no_lease_term.fetch_max(term, Ordering::SeqCst);
+        }
+        h.votes_in_flight.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
     /// The answer to a vote request for `group` from `candidate` when this node must refuse
-    /// it: it leads with a fresh lease (and is not handing the group to `candidate`). Reads
-    /// served on the lease rely on it.
-    pub fn refuses_vote(&self, group: u32, candidate: u64) -> Option<VoteResponse<u64>> {
+    /// it: it leads with a fresh lease (and is not handing the group to `candidate`).
+    fn refuses_vote(&self, group: u32, candidate: u64) -> Option<VoteResponse<u64>> {
         let h = self.handovers.get(group as usize)?;
         if h.target.load(Ordering::SeqCst) == candidate {
             return None;
@@ -229,6 +265,15 @@ impl Cluster {
                     "node {to} is not another voter of group {group}"
                 )));
             }
+            // The target wins with this node's vote alone only if the two are a majority
+            // (three voters: one per datacenter); with more, the others' leases would leave
+            // the group leaderless for a lease.
+            if configs[0].len() > 3 {
+                return Err(Error::Unavailable(format!(
+                    "group {group} has {} voters: no quick hand-over",
+                    configs[0].len()
+                )));
+            }
         }
         // No new proposals; the ones under way finish (their clients get their answers here).
         until(|| h.in_flight.load(Ordering::SeqCst) == 0, "proposals to finish").await?;
@@ -243,8 +288,17 @@ impl Cluster {
             "the target to catch up",
         )
         .await?;
+        // From here on the target may campaign (even if the answer gets lost): no more
+        // reads on this term's lease. The target campaigns only while it still follows this
+        // leader in this term, so a late or repeated request does nothing.
+        let vote = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            h.no_lease_term.fetch_max(m.current_term, Ordering::SeqCst);
+            m.vote
+        };
         self.transport
-            .call(to, group, RaftKind::Elect, Vec::new(), HAND_OVER_STEP)
+            .call(to, group, RaftKind::Elect, super::super::encode(&vote), HAND_OVER_STEP)
             .await
             .map_err(|e| Error::Unavailable(format!("asking node {to} to campaign: {e}")))?;
         until(|| raft.metrics().borrow().current_leader != Some(me), "the target to win").await?;
@@ -256,7 +310,7 @@ impl Cluster {
     pub fn heard_from_leader(&self, group: u32) {
         if let Some(h) = self.handovers.get(group as usize) {
             let ms = self.started.elapsed().as_millis().max(1) as u64;
-            h.heard.store(ms, Ordering::Relaxed);
+            h.heard.fetch_max(ms, Ordering::Relaxed);
         }
     }
 
@@ -288,7 +342,7 @@ impl Cluster {
                     continue;
                 }
                 let Some(raft) = self.raft(group) else { continue };
-                let (term, turn) = {
+                let (term, turn, leader) = {
                     let m = raft.metrics();
                     let m = m.borrow();
                     let Some(leader) = m.current_leader.filter(|l| *l != me) else { continue };
@@ -301,8 +355,13 @@ impl Cluster {
                         continue;
                     }
                     let turn = voters.iter().filter(|v| **v != leader && **v < me).count() as u32;
-                    (m.current_term, turn)
+                    (m.current_term, turn, leader)
                 };
+                // A leader node that still sends anything (other groups' heartbeats) is alive
+                // and this group's messages are only slow: openraft's own timer decides.
+                if self.transport.heard_from_node(leader).is_some_and(|d| d < lease) {
+                    continue;
+                }
                 if silent < lease + CAMPAIGN_STAGGER * turn || campaigned.get(&group) == Some(&term)
                 {
                     continue;
