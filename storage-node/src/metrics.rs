@@ -703,12 +703,7 @@ mod tests {
     #[tokio::test]
     async fn a_single_node_exports_what_applies() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(crate::store::StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            engine: crate::engine::EngineKind::Sync,
-            direct_io: false,
-        })
-        .unwrap();
+        let store = ChunkStore::open_for_test(dir.path());
         let m = NodeMetrics::new(store, None, 7, "dc9");
         m.io().done(IoOp::Write, true, 8192);
         let text = String::from_utf8(tern_common::metrics::encode(m.registry()).unwrap()).unwrap();

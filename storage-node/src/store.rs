@@ -196,6 +196,17 @@ fn is_zero(b: &[u8]) -> bool {
 impl ChunkStore {
     /// Opens (or creates) the store under `cfg.data_dir`: RocksDB in `meta/`, data files in
     /// `volumes/<id>/<chunk>.dat`.
+    /// A store in `dir` with the synchronous engine and no O_DIRECT, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(dir: &std::path::Path) -> Arc<Self> {
+        Self::open(StoreConfig {
+            data_dir: dir.to_path_buf(),
+            engine: crate::engine::EngineKind::Sync,
+            direct_io: false,
+        })
+        .expect("opening a test chunk store")
+    }
+
     pub fn open(cfg: StoreConfig) -> Result<Arc<Self>> {
         let mkdir = |p: &Path| {
             std::fs::create_dir_all(p)

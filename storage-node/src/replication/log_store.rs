@@ -357,12 +357,7 @@ mod tests {
     async fn last_purged_reads_back() {
         use openraft::storage::RaftLogStorage;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::store::StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            engine: crate::engine::EngineKind::Sync,
-            direct_io: false,
-        };
-        let store = ChunkStore::open(cfg).unwrap();
+        let store = ChunkStore::open_for_test(dir.path());
         let meta = store.meta();
         let purged = LogId::new(CommittedLeaderId::new(2, 1), 767);
         let mut log = LogStore::new(3, meta.clone(), store.clone());

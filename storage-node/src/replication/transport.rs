@@ -1022,12 +1022,7 @@ mod tests {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(server);
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(crate::store::StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            engine: crate::engine::EngineKind::Sync,
-            direct_io: false,
-        })
-        .unwrap();
+        let store = ChunkStore::open_for_test(dir.path());
         let t = Transport::new(1, &[(1, "127.0.0.1:1".into()), (2, addr.to_string())], store, 4)
             .unwrap();
         let calls = (0..50u8).map(|i| {
