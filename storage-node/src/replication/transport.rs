@@ -128,7 +128,9 @@ fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSend
     tokio::spawn(async move {
         let mut held: Option<Outgoing> = None;
         let mut stream: Option<LaneStream> = None;
-        let mut unary = false;
+        // Since when the peer gets unary batches (it lacked `Stream`); the stream is tried
+        // again after [`UNARY_RETRY`], in case the peer was upgraded meanwhile.
+        let mut unary: Option<Instant> = None;
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
             let first = match held.take() {
@@ -153,7 +155,10 @@ fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSend
                     Err(_) => break,
                 }
             }
-            if unary {
+            if unary.is_some_and(|since| since.elapsed() >= UNARY_RETRY) {
+                unary = None;
+            }
+            if unary.is_some() {
                 let Ok(permit) = slots.clone().acquire_owned().await else { return };
                 tokio::spawn(send_unary(from, to, client.clone(), heard.clone(), batch, permit));
                 continue;
@@ -163,7 +168,7 @@ fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSend
                     Ok(s) => stream = Some(s),
                     Err(s) if s.code() == tonic::Code::Unimplemented => {
                         tracing::info!(peer = to, "peer has no Raft stream: unary batches");
-                        unary = true;
+                        unary = Some(Instant::now());
                         let Ok(permit) = slots.clone().acquire_owned().await else { return };
                         tokio::spawn(send_unary(
                             from,
@@ -240,6 +245,9 @@ struct LaneStream {
     waiters: Waiters,
     next_id: u64,
 }
+
+/// How long a lane sends unary batches to a peer without `Stream` before trying again.
+const UNARY_RETRY: Duration = Duration::from_secs(60);
 
 /// Batches queued on a lane's stream before the lane waits.
 const STREAM_DEPTH: usize = 64;
