@@ -394,9 +394,14 @@ impl Service {
         }
     }
 
-    async fn do_read(&self, r: v1::ReadRequest) -> Result<v1::ReadResponse, Status> {
+    async fn do_read(
+        &self,
+        r: v1::ReadRequest,
+        origin: Option<usize>,
+    ) -> Result<v1::ReadResponse, Status> {
         let epoch = epoch_of(&r.header);
         let v = self.data_volume(r.header)?;
+        self.note_origin(&v, r.offset, origin);
         let len = u64::from(r.length);
         let data = match &self.cluster {
             Some(c) => c.read(&v, r.offset, len, epoch).await?,
@@ -405,9 +410,10 @@ impl Service {
         Ok(v1::ReadResponse { data })
     }
 
-    async fn do_write(&self, r: v1::WriteRequest) -> Result<(), Status> {
+    async fn do_write(&self, r: v1::WriteRequest, origin: Option<usize>) -> Result<(), Status> {
         let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
+        self.note_origin(&v, r.offset, origin);
         // New data only: trims, zeroing and deletes go on, so space can be freed.
         self.store.fullness.check_write()?;
         match &self.cluster {
@@ -417,9 +423,14 @@ impl Service {
         Ok(())
     }
 
-    async fn do_write_zeroes(&self, r: v1::WriteZeroesRequest) -> Result<(), Status> {
+    async fn do_write_zeroes(
+        &self,
+        r: v1::WriteZeroesRequest,
+        origin: Option<usize>,
+    ) -> Result<(), Status> {
         let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
+        self.note_origin(&v, r.offset, origin);
         match &self.cluster {
             Some(c) => {
                 let (off, len, punch, fua) = (r.offset, r.length, r.punch_hole, r.fua);
@@ -430,9 +441,10 @@ impl Service {
         Ok(())
     }
 
-    async fn do_trim(&self, r: v1::TrimRequest) -> Result<(), Status> {
+    async fn do_trim(&self, r: v1::TrimRequest, origin: Option<usize>) -> Result<(), Status> {
         let (generation, epoch) = (generation_of(&r.header), epoch_of(&r.header));
         let v = self.data_volume(r.header)?;
+        self.note_origin(&v, r.offset, origin);
         match &self.cluster {
             Some(c) => c.trim(&v, r.offset, r.length, r.fua, generation, epoch).await?,
             None => self.store.trim(&v, r.offset, r.length, r.fua).await?,
@@ -477,43 +489,39 @@ impl Service {
     }
 
     async fn do_io_owned(self, req: v1::IoRequest, origin: Option<usize>) -> v1::IoResponse {
-        if let (Some(c), Some(origin)) = (&self.cluster, origin) {
-            use v1::io_request::Op;
-            let at = match &req.op {
-                Some(Op::Read(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
-                Some(Op::Write(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
-                Some(Op::WriteZeroes(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
-                Some(Op::Trim(r)) => r.header.as_ref().map(|h| (h.volume_id, r.offset)),
-                _ => None,
-            };
-            // Replicated volumes only: a local volume's I/O goes to its home, not to leaders.
-            if let Some((volume, offset)) = at {
-                if self.store.get(volume).is_ok_and(|v| v.is_replicated()) {
-                    c.note_origin(volume, offset, origin);
-                }
-            }
-        }
-        self.do_io(req).await
+        self.do_io(req, origin).await
     }
 
-    /// One request of the `Io` stream, answered with the same id.
-    async fn do_io(&self, req: v1::IoRequest) -> v1::IoResponse {
+    /// Counts a request for `v` at `offset` from the frontend's datacenter `origin`, where the
+    /// leaders of its chunk groups then move (replicated volumes only: a local volume's I/O
+    /// goes to its home).
+    fn note_origin(&self, v: &Volume, offset: u64, origin: Option<usize>) {
+        if let (Some(c), Some(origin)) = (&self.cluster, origin) {
+            if v.is_replicated() {
+                c.note_origin(v.id.0, offset, origin);
+            }
+        }
+    }
+
+    /// One request of the `Io` stream (opened by a frontend in datacenter `origin`),
+    /// answered with the same id.
+    async fn do_io(&self, req: v1::IoRequest, origin: Option<usize>) -> v1::IoResponse {
         use v1::io_request::Op;
         use v1::io_response::Result as R;
         let done = |r: Result<(), Status>| r.map(|()| R::Done(true));
         let result = match req.op {
             Some(Op::Read(r)) => {
                 let n = u64::from(r.length);
-                self.counted(IoOp::Read, n, self.do_read(r)).await.map(R::Read)
+                self.counted(IoOp::Read, n, self.do_read(r, origin)).await.map(R::Read)
             }
             Some(Op::Write(r)) => {
                 let n = r.data.len() as u64;
-                done(self.counted(IoOp::Write, n, self.do_write(r)).await)
+                done(self.counted(IoOp::Write, n, self.do_write(r, origin)).await)
             }
             Some(Op::WriteZeroes(r)) => {
-                done(self.counted(IoOp::WriteZeroes, 0, self.do_write_zeroes(r)).await)
+                done(self.counted(IoOp::WriteZeroes, 0, self.do_write_zeroes(r, origin)).await)
             }
-            Some(Op::Trim(r)) => done(self.counted(IoOp::Trim, 0, self.do_trim(r)).await),
+            Some(Op::Trim(r)) => done(self.counted(IoOp::Trim, 0, self.do_trim(r, origin)).await),
             Some(Op::Flush(r)) => done(self.counted(IoOp::Flush, 0, self.do_flush(r)).await),
             Some(Op::BlockStatus(r)) => {
                 let status = self.do_block_status(r);
@@ -605,7 +613,7 @@ impl BlockIo for Service {
     ) -> Result<Response<v1::ReadResponse>, Status> {
         let r = req.into_inner();
         let n = u64::from(r.length);
-        Ok(Response::new(self.counted(IoOp::Read, n, self.do_read(r)).await?))
+        Ok(Response::new(self.counted(IoOp::Read, n, self.do_read(r, None)).await?))
     }
 
     async fn write(
@@ -614,7 +622,7 @@ impl BlockIo for Service {
     ) -> Result<Response<v1::WriteResponse>, Status> {
         let r = req.into_inner();
         let n = r.data.len() as u64;
-        self.counted(IoOp::Write, n, self.do_write(r)).await?;
+        self.counted(IoOp::Write, n, self.do_write(r, None)).await?;
         Ok(Response::new(v1::WriteResponse {}))
     }
 
@@ -622,7 +630,7 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::WriteZeroesRequest>,
     ) -> Result<Response<v1::WriteZeroesResponse>, Status> {
-        self.counted(IoOp::WriteZeroes, 0, self.do_write_zeroes(req.into_inner())).await?;
+        self.counted(IoOp::WriteZeroes, 0, self.do_write_zeroes(req.into_inner(), None)).await?;
         Ok(Response::new(v1::WriteZeroesResponse {}))
     }
 
@@ -630,7 +638,7 @@ impl BlockIo for Service {
         &self,
         req: Request<v1::TrimRequest>,
     ) -> Result<Response<v1::TrimResponse>, Status> {
-        self.counted(IoOp::Trim, 0, self.do_trim(req.into_inner())).await?;
+        self.counted(IoOp::Trim, 0, self.do_trim(req.into_inner(), None)).await?;
         Ok(Response::new(v1::TrimResponse {}))
     }
 

@@ -572,6 +572,17 @@ fn a_forced_shrink_discards_the_tail_on_every_replica() {
 /// A node whose disk is beyond its full ratio makes the whole cluster refuse writes with
 /// ENOSPC (its replicas could not apply them), while reads go on; it shows as full; once it
 /// has room again, writes resume.
+/// Restarts node 3 (`kill -9`) with `args`, and waits until the manager says it is `full`
+/// or not.
+fn restart_node3(m: &Managers, c: &mut Cluster, args: &[&str], full: bool) {
+    c.nodes[2].extra_args = args.iter().map(|a| a.to_string()).collect();
+    c.kill9(2);
+    c.start_node(2);
+    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3's full flag", |v| {
+        node_field(v, 3, "full") == full
+    });
+}
+
 #[test]
 fn a_full_node_stops_writes_everywhere_and_reads_go_on() {
     let (m, mut c) = deployment("10");
@@ -580,12 +591,7 @@ fn a_full_node_stops_writes_everywhere_and_reads_go_on() {
     qemu_io(&uri, &chunk_patterns("write"));
 
     // Node 3 restarts believing its disk full (this machine's disk is far above 0.1%).
-    c.nodes[2].extra_args = vec!["--full-ratio".into(), "0.001".into()];
-    c.kill9(2);
-    c.start_node(2);
-    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3 full", |v| {
-        node_field(v, 3, "full") == true
-    });
+    restart_node3(&m, &mut c, &["--full-ratio", "0.001"], true);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         // Every chunk group: those led by nodes 1 and 2 refuse too.
@@ -604,12 +610,7 @@ fn a_full_node_stops_writes_everywhere_and_reads_go_on() {
     assert!(table.contains("up (full)"), "{table}");
     qemu_io(&uri, &chunk_patterns("read"));
 
-    c.nodes[2].extra_args.clear();
-    c.kill9(2);
-    c.start_node(2);
-    m.wait_json(&["node", "list"], Duration::from_secs(20), "node 3 not full", |v| {
-        node_field(v, 3, "full") == false
-    });
+    restart_node3(&m, &mut c, &[], false);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let o = tern_tests::run(60, "qemu-io", &["-f", "raw", "-c", "write -P 9 0 1M", &uri]);

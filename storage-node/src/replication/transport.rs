@@ -158,35 +158,25 @@ fn lane(from: u64, to: u64, client: Client, heard: Heard) -> mpsc::UnboundedSend
             if unary.is_some_and(|since| since.elapsed() >= UNARY_RETRY) {
                 unary = None;
             }
-            if unary.is_some() {
-                let Ok(permit) = slots.clone().acquire_owned().await else { return };
-                tokio::spawn(send_unary(from, to, client.clone(), heard.clone(), batch, permit));
-                continue;
-            }
-            if stream.as_ref().is_none_or(LaneStream::broken) {
+            if unary.is_none() && stream.as_ref().is_none_or(LaneStream::broken) {
                 match LaneStream::open(client.clone(), heard.clone()).await {
                     Ok(s) => stream = Some(s),
                     Err(s) if s.code() == tonic::Code::Unimplemented => {
                         tracing::info!(peer = to, "peer has no Raft stream: unary batches");
                         unary = Some(Instant::now());
-                        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-                        tokio::spawn(send_unary(
-                            from,
-                            to,
-                            client.clone(),
-                            heard.clone(),
-                            batch,
-                            permit,
-                        ));
-                        continue;
                     }
                     Err(s) => {
                         for o in batch {
-                            let _ = o.reply.send(Err(format!("{}: {}", s.code(), s.message())));
+                            let _ = o.reply.send(Err(status_text(&s)));
                         }
                         continue;
                     }
                 }
+            }
+            if unary.is_some() {
+                let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                tokio::spawn(send_unary(from, to, client.clone(), heard.clone(), batch, permit));
+                continue;
             }
             let s = stream.as_mut().expect("stream just opened");
             let messages = s.register(batch);
@@ -221,11 +211,15 @@ async fn send_unary(
         }
         Err(s) => {
             for w in waiters {
-                let _ = w.send(Err(format!("{}: {}", s.code(), s.message())));
+                let _ = w.send(Err(status_text(&s)));
             }
         }
     }
     drop(permit);
+}
+
+fn status_text(s: &tonic::Status) -> String {
+    format!("{}: {}", s.code(), s.message())
 }
 
 fn reply_of(r: Option<v1::RaftReply>) -> Reply {
@@ -238,6 +232,13 @@ fn reply_of(r: Option<v1::RaftReply>) -> Reply {
 
 /// Who waits for which message of a lane's stream; `None` once the stream ended.
 type Waiters = Arc<parking_lot::Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+
+/// Ends a stream's bookkeeping: every waiter gets `why`, later ones are refused.
+fn fail_all(waiters: &Waiters, why: &str) {
+    for (_, waiter) in waiters.lock().take().into_iter().flatten() {
+        let _ = waiter.send(Err(why.to_string()));
+    }
+}
 
 /// A lane's open `RaftTransport.Stream`.
 struct LaneStream {
@@ -275,13 +276,11 @@ impl LaneStream {
                         }
                     }
                     Ok(None) => break "peer closed the Raft stream".to_string(),
-                    Err(s) => break format!("{}: {}", s.code(), s.message()),
+                    Err(s) => break status_text(&s),
                 }
             };
             // Everything still waiting fails now (openraft retries); the next batch reopens.
-            for (_, waiter) in w.lock().take().into_iter().flatten() {
-                let _ = waiter.send(Err(why.clone()));
-            }
+            fail_all(&w, &why);
         });
         Ok(Self { tx, waiters, next_id: 0 })
     }
@@ -291,9 +290,7 @@ impl LaneStream {
     }
 
     fn close(&mut self) {
-        for (_, waiter) in self.waiters.lock().take().into_iter().flatten() {
-            let _ = waiter.send(Err("Raft stream closed".to_string()));
-        }
+        fail_all(&self.waiters, "Raft stream closed");
     }
 
     /// Numbers `batch`'s messages and notes who waits for each reply.
@@ -412,15 +409,22 @@ impl Transport {
         }
     }
 
-    /// The peers that accepted an append of `term` for `group` sent less than `window` ago.
-    pub fn acked_within(&self, group: u32, term: u64, window: Duration) -> Vec<u64> {
-        let Some(acks) = self.acks.get(group as usize) else { return Vec::new() };
+    /// How many of `peers` accepted an append of `term` for `group` sent less than `window`
+    /// ago (read on every replicated read: no allocation).
+    pub fn acked_within(
+        &self,
+        group: u32,
+        term: u64,
+        window: Duration,
+        peers: &std::collections::BTreeSet<u64>,
+    ) -> usize {
+        let Some(acks) = self.acks.get(group as usize) else { return 0 };
         let now = Instant::now();
         acks.lock()
             .iter()
             .filter(|a| a.term == term && now.saturating_duration_since(a.sent) < window)
-            .map(|a| a.peer)
-            .collect()
+            .filter(|a| peers.contains(&a.peer))
+            .count()
     }
 
     /// How long ago `node` last sent this node a batch (`None`: never since the start).

@@ -136,8 +136,8 @@ impl Cluster {
         }
         let configs = m.membership_config.membership().get_joint_config();
         let [voters] = configs.as_slice() else { return false };
-        let acked = self.transport.acked_within(group, term, window);
-        let votes = voters.iter().filter(|v| **v == me || acked.contains(v)).count();
+        let votes = usize::from(voters.contains(&me))
+            + self.transport.acked_within(group, term, window, voters);
         votes * 2 > voters.len()
     }
 
@@ -161,7 +161,7 @@ impl Cluster {
         req: openraft::raft::VoteRequest<u64>,
     ) -> std::result::Result<VoteResponse<u64>, openraft::error::RaftError<u64>> {
         let candidate = req.vote.leader_id().node_id;
-        if let Some(refusal) = self.refuses_vote(group, candidate) {
+        if let Some(refusal) = self.refuses_vote(group, raft, candidate) {
             return Ok(refusal);
         }
         let Some(h) = self.handovers.get(group as usize) else { return raft.vote(req).await };
@@ -177,13 +177,12 @@ impl Cluster {
 
     /// The answer to a vote request for `group` from `candidate` when this node must refuse
     /// it: it leads with a fresh lease (and is not handing the group to `candidate`).
-    fn refuses_vote(&self, group: u32, candidate: u64) -> Option<VoteResponse<u64>> {
+    fn refuses_vote(&self, group: u32, raft: &Raft, candidate: u64) -> Option<VoteResponse<u64>> {
         let h = self.handovers.get(group as usize)?;
         if h.target.load(Ordering::SeqCst) == candidate {
             return None;
         }
-        let raft = self.raft(group)?;
-        if !self.lease_valid(group, &raft, VOTE_LEASE) {
+        if !self.lease_valid(group, raft, VOTE_LEASE) {
             return None;
         }
         let vote = raft.metrics().borrow().vote;
@@ -408,10 +407,10 @@ impl Cluster {
         let me = self.cfg.node_id;
         // Since when this node leads each group, in which term.
         let mut leading: HashMap<u32, (u64, Instant)> = HashMap::new();
+        let my_dc = self.cfg.nodes.iter().find(|n| n.id == me).map(|n| n.datacenter.clone());
         loop {
             tokio::time::sleep(PLAN_EVERY).await;
             let origins = self.origins.0.read().clone();
-            let my_dc = self.cfg.nodes.iter().find(|n| n.id == me).map(|n| n.datacenter.clone());
             let mut moves = Vec::new();
             for group in 1..=self.cfg.groups {
                 let h = &self.handovers[group as usize];
