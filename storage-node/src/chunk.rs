@@ -131,6 +131,21 @@ pub struct Chunk {
     /// The volume is a clone: a block with no version reads from the parent, so a discard
     /// of it must be stored (it hides the parent's block).
     pub has_parent: bool,
+    /// Data a group leader wrote to free slots while its write's log entry replicated (see
+    /// [`crate::store::ChunkStore::prewrite`]). No block map entry references these slots:
+    /// the entry's apply takes them, or the proposer gives them back.
+    prewritten: Mutex<Vec<Prewritten>>,
+}
+
+/// Blocks written ahead of their commit: `data` (whole blocks from `first`) goes to `slots`,
+/// one per non-zero block, in order; `written` says when that write ended, and whether it
+/// succeeded.
+struct Prewritten {
+    id: u64,
+    first: u32,
+    data: bytes::Bytes,
+    slots: Vec<u32>,
+    written: tokio::sync::oneshot::Receiver<bool>,
 }
 
 /// Result of a commit: whether it applied, and the change in data blocks held.
@@ -171,7 +186,50 @@ impl Chunk {
             state: Mutex::new(State { map, alloc }),
             dirty: AtomicBool::new(false),
             has_parent,
+            prewritten: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records blocks being written ahead of their commit (see [`Self::take_prewritten`]);
+    /// returns the id to give them back by.
+    pub fn add_prewritten(
+        &self,
+        first: u32,
+        data: bytes::Bytes,
+        slots: Vec<u32>,
+        written: tokio::sync::oneshot::Receiver<bool>,
+    ) -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.prewritten.lock().push(Prewritten { id, first, data, slots, written });
+        id
+    }
+
+    /// The slots receiving exactly `data` at block `first` ahead of the commit that now
+    /// applies it, if there are any, with the news of that write's end; they are the
+    /// caller's from now on. The bytes are compared in full: a different write to the same
+    /// blocks never takes them.
+    pub fn take_prewritten(
+        &self,
+        first: u32,
+        data: &[u8],
+    ) -> Option<(Vec<u32>, tokio::sync::oneshot::Receiver<bool>)> {
+        let mut pre = self.prewritten.lock();
+        let i = pre.iter().position(|p| p.first == first && p.data[..] == *data)?;
+        let p = pre.swap_remove(i);
+        Some((p.slots, p.written))
+    }
+
+    /// Gives back prewritten slots nobody took (the entry failed, or applied without them);
+    /// false if an apply took them. Only once the write to them ended.
+    pub fn release_prewritten(&self, id: u64) -> bool {
+        let slots = {
+            let mut pre = self.prewritten.lock();
+            let Some(i) = pre.iter().position(|p| p.id == id) else { return false };
+            pre.swap_remove(i).slots
+        };
+        self.unalloc(&slots);
+        true
     }
 
     /// The newest entries of blocks `[first, first + n)`.

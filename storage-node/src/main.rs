@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use tern_common::runtime::{self, RuntimeOptions};
 use tern_storage_node::engine::EngineKind;
 use tern_storage_node::replication::{Cluster, ClusterConfig};
 use tern_storage_node::store::{ChunkStore, StoreConfig};
@@ -41,6 +42,11 @@ struct Args {
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "TERN_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Poll briefly for new work before a worker thread sleeps: lower latency at low queue
+    /// depth (no wake-up through the hypervisor), paid in otherwise idle CPU time. The window
+    /// adapts and falls to zero when idle (see `tern_common::runtime`).
+    #[arg(long, env = "TERN_POLL", default_value_t = true, action = clap::ArgAction::Set)]
+    poll: bool,
     /// Datacenter label of this node.
     #[arg(long, default_value = "dc1")]
     datacenter: String,
@@ -90,11 +96,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tern_common::init_logging();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.enable_all().build()?;
+    let opts = RuntimeOptions { worker_threads: args.worker_threads, poll: args.poll };
+    let rt = runtime::build(opts)?;
     rt.block_on(async move {
         let store = ChunkStore::open(StoreConfig {
             data_dir: args.data_dir.clone(),

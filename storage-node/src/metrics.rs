@@ -332,6 +332,7 @@ struct Scraped {
     info: Family,
     checksum_errors: Family,
     repairs: Family,
+    prewrites: Family,
     scrubbed: Family,
     capacity: Family,
     full: Family,
@@ -385,6 +386,13 @@ impl Scraped {
                 "tern_storage_node_repairs_total",
                 "Damaged blocks rewritten from another replica's copy.",
                 &[],
+            )?,
+            prewrites: Family::counter(
+                "tern_storage_node_prewrites_total",
+                "Replicated writes whose data this node, as leader, wrote while their log \
+                 entry replicated: applied (the entry's apply used it) or unused (the apply \
+                 wrote the data itself, or the entry failed).",
+                &["result"],
             )?,
             scrubbed: Family::counter(
                 "tern_storage_node_scrubbed_bytes_total",
@@ -487,11 +495,12 @@ impl Scraped {
         })
     }
 
-    fn all(&self) -> [&Family; 22] {
+    fn all(&self) -> [&Family; 23] {
         [
             &self.info,
             &self.checksum_errors,
             &self.repairs,
+            &self.prewrites,
             &self.scrubbed,
             &self.capacity,
             &self.full,
@@ -585,6 +594,8 @@ impl Collector for Scraped {
         out.push(self.info.collect([([node.as_str(), dc.as_str(), version.as_str()], 1.0)]));
         out.push(self.checksum_errors.single(self.store.checksum_errors() as f64));
         out.push(self.repairs.single(self.store.repairs() as f64));
+        let (applied, unused) = self.store.prewrites();
+        out.push(self.prewrites.collect([(["applied"], applied as f64), (["unused"], unused as f64)]));
         let volumes = self.store.list();
         out.push(self.volumes.single(volumes.len() as f64));
         let allocated: u64 = volumes.iter().map(|v| v.allocated_bytes()).sum();

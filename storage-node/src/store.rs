@@ -34,6 +34,19 @@ use crate::epoch::{Epochs, FIRST_EPOCH};
 use crate::error::{Error, Result};
 use crate::meta::{Entry, MetaStore, Version, VolumeRecord};
 
+/// Data written ahead of its commit ([`ChunkStore::prewrite`]); give it to
+/// [`ChunkStore::release_prewritten`] once the write's proposal ended.
+pub struct Prewrite {
+    chunk: Arc<Chunk>,
+    id: u64,
+}
+
+#[derive(Default)]
+struct PrewriteCounts {
+    applied: AtomicU64,
+    unused: AtomicU64,
+}
+
 /// The epoch state of a volume that has no snapshots (local volumes, and writes outside
 /// the replicated path).
 static NO_SNAPSHOTS: Epochs = Epochs {
@@ -174,6 +187,7 @@ pub struct ChunkStore {
     checksum_errors: AtomicU64,
     /// Blocks rewritten from a healthy replica's copy after a checksum mismatch.
     repairs: AtomicU64,
+    prewrites: PrewriteCounts,
     direct_io_active: std::sync::atomic::AtomicBool,
     /// Client reads and writes seen so far (writes admitted here, whether a client's or
     /// applied from the log; reads as `note_client_read` counts them, so the scrub's do not):
@@ -261,6 +275,7 @@ impl ChunkStore {
             barrier_lock: tokio::sync::Mutex::new(()),
             barrier_requests: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
+            prewrites: PrewriteCounts::default(),
             barrier_covered: AtomicU64::new(0),
             pending_slots: AtomicU64::new(0),
             dirty_started: tokio::sync::Notify::new(),
@@ -883,7 +898,23 @@ impl ChunkStore {
         let block = |i: usize| &src[i * BS as usize..(i + 1) * BS as usize];
         let zero: Vec<bool> = (0..n).map(|i| is_zero(block(i))).collect();
         let data_idx: Vec<usize> = (0..n).filter(|&i| !zero[i]).collect();
-        let slots = c.alloc(data_idx.len());
+        // Written ahead by this group's leader while the entry replicated: only the block
+        // map is left to do.
+        let prewritten = match c.take_prewritten(first, src) {
+            Some((slots, written)) => match written.await {
+                Ok(true) => Some(slots),
+                Ok(false) => {
+                    c.unalloc(&slots);
+                    None
+                }
+                // The prewrite was dropped, its write perhaps still under way: the slots stay
+                // out of use (free again when the chunk is next loaded).
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let written = prewritten.is_some();
+        let slots = prewritten.unwrap_or_else(|| c.alloc(data_idx.len()));
         let mut updates: Vec<(u32, Entry)> = Vec::with_capacity(n);
         let mut si = 0;
         for (i, &z) in zero.iter().enumerate() {
@@ -896,7 +927,9 @@ impl ChunkStore {
             };
             updates.push((first + i as u32, e));
         }
-        self.write_to_slots(v, c, &slots, |i| block(data_idx[i])).await?;
+        if !written {
+            self.write_to_slots(v, c, &slots, |i| block(data_idx[i])).await?;
+        }
         match c.commit(&self.meta, &updates, None, at) {
             Ok(done) => {
                 self.note_committed(v, c, done.data_delta, done.freed);
@@ -909,6 +942,57 @@ impl ChunkStore {
         }
     }
 
+    /// A group leader writes a replicated write's data ahead of its commit, while the log
+    /// entry replicates, so that applying the entry leaves only the block map to update (the
+    /// data write is off the write's critical path). The data goes to free slots that no block
+    /// map entry references, so nothing reads it before the commit; applying the entry takes
+    /// the slots ([`Chunk::take_prewritten`], matched by position and bytes), and the
+    /// proposer gives back whatever the apply did not take ([`Self::release_prewritten`]).
+    /// A crash in between leaves the slots unreferenced: free again when the chunk is loaded.
+    ///
+    /// Only for whole blocks within one chunk; `None` when not done (nothing to give back).
+    pub async fn prewrite(&self, v: &Volume, offset: u64, data: &Bytes) -> Option<Prewrite> {
+        let len = data.len() as u64;
+        let chunk = offset / CHUNK_SIZE;
+        if len == 0 || offset % BS != 0 || len % BS != 0 || (offset + len - 1) / CHUNK_SIZE != chunk
+        {
+            return None;
+        }
+        v.check_io(offset, len, true).ok()?;
+        let c = self.chunk(v, chunk as u32).await.ok()?;
+        let block = |i: usize| &data[i * BS as usize..(i + 1) * BS as usize];
+        let data_idx: Vec<usize> = (0..(len / BS) as usize).filter(|&i| !is_zero(block(i))).collect();
+        if data_idx.is_empty() {
+            return None;
+        }
+        let slots = c.alloc(data_idx.len());
+        let first = ((offset % CHUNK_SIZE) / BS) as u32;
+        // Known before the write starts: an apply that comes first waits for it rather than
+        // writing the data again.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = c.add_prewritten(first, data.clone(), slots.clone(), rx);
+        // The proposal's messages go out first.
+        tokio::task::yield_now().await;
+        let _ = tx.send(self.write_slots(&c, &slots, |i| block(data_idx[i])).await.is_ok());
+        Some(Prewrite { chunk: c, id })
+    }
+
+    /// Gives back the slots of a prewrite that no apply took.
+    pub fn release_prewritten(&self, p: Prewrite) {
+        let counter = if p.chunk.release_prewritten(p.id) {
+            &self.prewrites.unused
+        } else {
+            &self.prewrites.applied
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prewrites so far: (taken by their apply, given back unused).
+    pub fn prewrites(&self) -> (u64, u64) {
+        let p = &self.prewrites;
+        (p.applied.load(Ordering::Relaxed), p.unused.load(Ordering::Relaxed))
+    }
+
     /// Writes `block(i)` (4 KiB each) to `slots[i]` of chunk `c` for every `i`, one I/O per
     /// run of consecutive slots; on failure the slots are given back.
     async fn write_to_slots<'a>(
@@ -918,6 +1002,20 @@ impl ChunkStore {
         slots: &[u32],
         block: impl Fn(usize) -> &'a [u8],
     ) -> Result<()> {
+        if let Err(source) = self.write_slots(c, slots, block).await {
+            c.unalloc(slots);
+            return Err(Error::DataIo { volume: v.id, source });
+        }
+        Ok(())
+    }
+
+    /// [`Self::write_to_slots`] without giving the slots back on failure.
+    async fn write_slots<'a>(
+        &self,
+        c: &Chunk,
+        slots: &[u32],
+        block: impl Fn(usize) -> &'a [u8],
+    ) -> std::io::Result<()> {
         let runs = slot_runs(slots.iter().copied().enumerate());
         let writes = runs.iter().map(|&(slot, start, count)| {
             let mut buf = AlignedBuf::zeroed(count * BS as usize);
@@ -926,11 +1024,7 @@ impl ChunkStore {
             }
             self.engine.write_at(c.file.clone(), buf, slot as u64 * BS)
         });
-        if let Err(source) = try_join_all(writes).await {
-            c.unalloc(slots);
-            return Err(Error::DataIo { volume: v.id, source });
-        }
-        Ok(())
+        try_join_all(writes).await.map(|_| ())
     }
 
     /// Read-modify-write of part of one block: `bytes` land at `within`. Optimistic: the

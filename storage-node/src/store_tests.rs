@@ -395,3 +395,65 @@ async fn clones_inherit_and_stay_isolated() {
     assert_eq!(&all[3 * 4096..], &a[3 * 4096..]);
     assert_eq!(s.read(&c, 64 * MIB, 8 * b).await.unwrap(), a);
 }
+
+/// A leader's prewrite: the apply of the same bytes takes its slots (no second data write);
+/// other bytes never do; unused slots are given back and reused; nothing is readable before
+/// the apply, nor after a crash that came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewritten_data_is_applied_once_and_given_back_when_unused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), EngineKind::Uring);
+    let v = vol(&s, "p", 128 * MIB).await;
+    let path = dir.path().join("volumes").join(v.id.0.to_string()).join("0.dat");
+    let head = crate::store::head_at;
+
+    // Only whole blocks within one chunk.
+    assert!(s.prewrite(&v, 100, &pattern(4096, 1)).await.is_none());
+    assert!(s.prewrite(&v, 0, &pattern(1000, 1)).await.is_none());
+    assert!(s.prewrite(&v, 64 * MIB - 4096, &pattern(8192, 1)).await.is_none());
+    assert!(s.prewrite(&v, 0, &Bytes::from(vec![0u8; 8192])).await.is_none(), "zeroes: no data");
+
+    // The apply of the same bytes takes the prewrite; nothing reads it before.
+    let p = pattern(8192, 7);
+    let pre = s.prewrite(&v, 4096, &p).await.expect("an aligned write is prewritten");
+    assert!(s.read(&v, 4096, 8192).await.unwrap().iter().all(|&b| b == 0));
+    s.apply_write(&v, 4096, p.clone(), head()).await.unwrap();
+    s.release_prewritten(pre);
+    assert_eq!(s.prewrites(), (1, 0));
+    assert_eq!(s.read(&v, 4096, 8192).await.unwrap(), p);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * 4096, "one data write, two slots");
+
+    // An apply that comes while the prewrite's write is under way waits for it.
+    let p2 = pattern(8192, 8);
+    let (pre, ()) = tokio::join!(s.prewrite(&v, 8 * 4096, &p2), async {
+        s.apply_write(&v, 8 * 4096, p2.clone(), head()).await.unwrap()
+    });
+    s.release_prewritten(pre.unwrap());
+    assert_eq!(s.prewrites(), (2, 0));
+    assert_eq!(s.read(&v, 8 * 4096, 8192).await.unwrap(), p2);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * 4096);
+
+    // Other bytes at the same place are not taken; the unused slots are given back and the
+    // next write reuses them (the file does not grow).
+    let pre = s.prewrite(&v, 4096, &pattern(8192, 9)).await.unwrap();
+    let q = pattern(8192, 11);
+    s.apply_write(&v, 4096, q.clone(), head()).await.unwrap();
+    s.release_prewritten(pre);
+    assert_eq!(s.prewrites(), (2, 1));
+    assert_eq!(s.read(&v, 4096, 8192).await.unwrap(), q);
+    let size = std::fs::metadata(&path).unwrap().len();
+    s.write(&v, 20 * 4096, pattern(8192, 12), false).await.unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "given-back slots are reused");
+
+    // A crash between the prewrite and the apply: the data is not there, its slots are free.
+    let _lost = s.prewrite(&v, 40 * 4096, &pattern(8192, 13)).await.unwrap();
+    let size = std::fs::metadata(&path).unwrap().len();
+    drop(v);
+    drop(s);
+    let s = open(dir.path(), EngineKind::Uring);
+    let v = s.get_by_name("p").unwrap();
+    assert!(s.read(&v, 40 * 4096, 8192).await.unwrap().iter().all(|&b| b == 0));
+    assert_eq!(s.read(&v, 4096, 8192).await.unwrap(), q);
+    s.write(&v, 60 * 4096, pattern(8192, 14), false).await.unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "the lost prewrite's slots are free");
+}

@@ -1,13 +1,16 @@
 //! Domain vocabulary shared by Tern's crates: the block and chunk geometry, volume names and
 //! sizes (with the parsing and validation every entry point uses), logging set-up, and (with
 //! the `metrics` feature) the daemons' Prometheus endpoint ([`metrics`]).
-#![forbid(unsafe_code)]
+// Unsafe code only where a module says why (the runtime's epoll calls).
+#![deny(unsafe_code)]
 
 #[cfg(feature = "metrics")]
 pub mod daemon;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod placement;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 use std::fmt;
 
