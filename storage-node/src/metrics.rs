@@ -595,7 +595,9 @@ impl Collector for Scraped {
         out.push(self.checksum_errors.single(self.store.checksum_errors() as f64));
         out.push(self.repairs.single(self.store.repairs() as f64));
         let (applied, unused) = self.store.prewrites();
-        out.push(self.prewrites.collect([(["applied"], applied as f64), (["unused"], unused as f64)]));
+        out.push(
+            self.prewrites.collect([(["applied"], applied as f64), (["unused"], unused as f64)]),
+        );
         let volumes = self.store.list();
         out.push(self.volumes.single(volumes.len() as f64));
         let allocated: u64 = volumes.iter().map(|v| v.allocated_bytes()).sum();

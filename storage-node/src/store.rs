@@ -954,14 +954,18 @@ impl ChunkStore {
     pub async fn prewrite(&self, v: &Volume, offset: u64, data: &Bytes) -> Option<Prewrite> {
         let len = data.len() as u64;
         let chunk = offset / CHUNK_SIZE;
-        if len == 0 || offset % BS != 0 || len % BS != 0 || (offset + len - 1) / CHUNK_SIZE != chunk
+        if len == 0
+            || !offset.is_multiple_of(BS)
+            || !len.is_multiple_of(BS)
+            || (offset + len - 1) / CHUNK_SIZE != chunk
         {
             return None;
         }
         v.check_io(offset, len, true).ok()?;
         let c = self.chunk(v, chunk as u32).await.ok()?;
         let block = |i: usize| &data[i * BS as usize..(i + 1) * BS as usize];
-        let data_idx: Vec<usize> = (0..(len / BS) as usize).filter(|&i| !is_zero(block(i))).collect();
+        let data_idx: Vec<usize> =
+            (0..(len / BS) as usize).filter(|&i| !is_zero(block(i))).collect();
         if data_idx.is_empty() {
             return None;
         }
