@@ -374,5 +374,11 @@ fn leaders_follow_the_frontends_datacenter() {
     )
     .unwrap_or(0.0);
     assert!(lease > 100.0, "node 2 served {lease} reads on its lease\n{page}");
+    // As leader it wrote the data of the workload's writes while their entries replicated,
+    // and the applies used it (the checker above found every acknowledged write).
+    let prewritten =
+        tern_tests::metrics::sample(&page, "tern_storage_node_prewrites_total{result=\"applied\"}")
+            .unwrap_or(0.0);
+    assert!(prewritten > 100.0, "node 2 applied {prewritten} prewrites\n{page}");
     c.must_be_alive();
 }
