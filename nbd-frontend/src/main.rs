@@ -49,6 +49,10 @@ struct Args {
     /// adapts and falls to zero when idle (see `tern_common::runtime`).
     #[arg(long, env = "TERN_POLL", default_value_t = true, action = clap::ArgAction::Set)]
     poll: bool,
+    /// The most CPU polling may take, in percent of one CPU over time (1-100).
+    #[arg(long, env = "TERN_POLL_BUDGET", default_value_t = 100,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    poll_budget: u8,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (none without it).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<SocketAddr>,
@@ -57,7 +61,11 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tern_common::init_logging();
-    let opts = RuntimeOptions { worker_threads: args.worker_threads, poll: args.poll };
+    let opts = RuntimeOptions {
+        worker_threads: args.worker_threads,
+        poll: args.poll,
+        poll_budget: f64::from(args.poll_budget) / 100.0,
+    };
     runtime::build(opts).context("starting the tokio runtime")?.block_on(run(args))
 }
 
