@@ -207,9 +207,15 @@ fn is_zero(b: &[u8]) -> bool {
         && words.into_iter().all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == 0)
 }
 
+/// Which of the whole blocks of `src` are all zeroes, and the indexes of the others (those
+/// that need a slot).
+fn zero_and_data_blocks(src: &[u8]) -> (Vec<bool>, Vec<usize>) {
+    let zero: Vec<bool> = src.chunks_exact(BS as usize).map(is_zero).collect();
+    let data = (0..zero.len()).filter(|&i| !zero[i]).collect();
+    (zero, data)
+}
+
 impl ChunkStore {
-    /// Opens (or creates) the store under `cfg.data_dir`: RocksDB in `meta/`, data files in
-    /// `volumes/<id>/<chunk>.dat`.
     /// A store in `dir` with the synchronous engine and no O_DIRECT, for unit tests.
     #[cfg(test)]
     pub(crate) fn open_for_test(dir: &std::path::Path) -> Arc<Self> {
@@ -221,6 +227,8 @@ impl ChunkStore {
         .expect("opening a test chunk store")
     }
 
+    /// Opens (or creates) the store under `cfg.data_dir`: RocksDB in `meta/`, data files in
+    /// `volumes/<id>/<chunk>.dat`.
     pub fn open(cfg: StoreConfig) -> Result<Arc<Self>> {
         let mkdir = |p: &Path| {
             std::fs::create_dir_all(p)
@@ -896,8 +904,7 @@ impl ChunkStore {
     ) -> Result<()> {
         let n = src.len() / BS as usize;
         let block = |i: usize| &src[i * BS as usize..(i + 1) * BS as usize];
-        let zero: Vec<bool> = (0..n).map(|i| is_zero(block(i))).collect();
-        let data_idx: Vec<usize> = (0..n).filter(|&i| !zero[i]).collect();
+        let (zero, data_idx) = zero_and_data_blocks(src);
         // Written ahead by this group's leader while the entry replicated: only the block
         // map is left to do.
         let prewritten = match c.take_prewritten(first, src) {
@@ -964,8 +971,8 @@ impl ChunkStore {
         v.check_io(offset, len, true).ok()?;
         let c = self.chunk(v, chunk as u32).await.ok()?;
         let block = |i: usize| &data[i * BS as usize..(i + 1) * BS as usize];
-        let data_idx: Vec<usize> =
-            (0..(len / BS) as usize).filter(|&i| !is_zero(block(i))).collect();
+        // The same split as the apply's (`write_full_blocks`), so the slots match its blocks.
+        let (_, data_idx) = zero_and_data_blocks(data);
         if data_idx.is_empty() {
             return None;
         }

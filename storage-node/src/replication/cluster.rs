@@ -1063,13 +1063,12 @@ impl Cluster {
             self.linearize(group).await?;
             return self.store.write(v, offset, data, fua).await;
         }
+        let cmd = Cmd::Write { volume: v.id.0, offset, data: data.clone(), fua, generation, epoch };
         if !self.leads(group) {
-            let cmd = Cmd::Write { volume: v.id.0, offset, data, fua, generation, epoch };
             return Self::done(self.propose(group, cmd).await?);
         }
         // The leader writes the data to free slots while the entry replicates; the apply then
         // only updates the block map (see `ChunkStore::prewrite`). The proposal goes first.
-        let cmd = Cmd::Write { volume: v.id.0, offset, data: data.clone(), fua, generation, epoch };
         let (answer, pre) =
             tokio::join!(self.propose(group, cmd), self.store.prewrite(v, offset, &data));
         if let Some(p) = pre {
