@@ -65,7 +65,7 @@ pub struct RuntimeOptions {
 struct Poller {
     /// Our epoll instance, holding the runtime's.
     outer: OwnedFd,
-    handle: OnceLock<tokio::runtime::Handle>,
+    handle: tokio::runtime::Handle,
     window_ns: AtomicU64,
     /// One worker polls at a time: on a small machine two polling workers would take both
     /// CPUs from the threads whose work they wait for.
@@ -74,8 +74,11 @@ struct Poller {
     /// `rate` ns per ns ([`RuntimeOptions::poll_budget`]).
     budget: std::sync::Mutex<(f64, Instant)>,
     rate: f64,
-    /// Time spent polling in all.
+    /// Time spent polling in all, and the longest single poll (for the tests).
+    #[cfg(test)]
     polled_ns: AtomicU64,
+    #[cfg(test)]
+    longest_poll_ns: AtomicU64,
 }
 
 thread_local! {
@@ -120,9 +123,8 @@ fn build_polled(
     let rt = b.build()?;
     let new: Vec<RawFd> = epoll_fds().into_iter().filter(|fd| !before.contains(fd)).collect();
     match one_instance(&new) {
-        Some(fd) => match Poller::watching(fd, opts.poll_budget.clamp(0.0, 1.0)) {
+        Some(fd) => match Poller::watching(fd, rt.handle(), opts.poll_budget.clamp(0.0, 1.0)) {
             Ok(p) => {
-                let _ = p.handle.set(rt.handle().clone());
                 let _ = poller.set(Arc::new(p));
             }
             Err(e) => tracing::warn!(%e, "no polling before sleep: cannot watch the runtime"),
@@ -137,7 +139,11 @@ fn build_polled(
 }
 
 impl Poller {
-    fn watching(runtime_epoll: RawFd, rate: f64) -> io::Result<Self> {
+    fn watching(
+        runtime_epoll: RawFd,
+        handle: &tokio::runtime::Handle,
+        rate: f64,
+    ) -> io::Result<Self> {
         // SAFETY: epoll_create1 returns a new descriptor or -1 (checked).
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if raw < 0 {
@@ -152,12 +158,15 @@ impl Poller {
         }
         Ok(Self {
             outer,
-            handle: OnceLock::new(),
+            handle: handle.clone(),
             window_ns: AtomicU64::new(0),
             polling: AtomicBool::new(false),
             budget: std::sync::Mutex::new((BUDGET_MAX_NS, Instant::now())),
             rate,
+            #[cfg(test)]
             polled_ns: AtomicU64::new(0),
+            #[cfg(test)]
+            longest_poll_ns: AtomicU64::new(0),
         })
     }
 
@@ -167,7 +176,7 @@ impl Poller {
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: `outer` is open and `ev` has room for the one event asked for.
         let n = unsafe { libc::epoll_wait(self.outer.as_raw_fd(), &mut ev, 1, 0) };
-        n > 0 || self.handle.get().is_some_and(|h| h.metrics().global_queue_depth() > 0)
+        n > 0 || self.handle.metrics().global_queue_depth() > 0
     }
 
     fn before_park(&self) {
@@ -197,7 +206,11 @@ impl Poller {
         };
         let spent = start.elapsed().as_nanos() as u64;
         self.budget.lock().unwrap_or_else(|e| e.into_inner()).0 -= spent as f64;
-        self.polled_ns.fetch_add(spent, Ordering::Relaxed);
+        #[cfg(test)]
+        {
+            self.polled_ns.fetch_add(spent, Ordering::Relaxed);
+            self.longest_poll_ns.fetch_max(spent, Ordering::Relaxed);
+        }
         self.polling.store(false, Ordering::Release);
         POLLED.with(|s| s.set(Some((Instant::now(), found))));
     }
@@ -344,10 +357,13 @@ mod tests {
         .unwrap();
         let wall = start.elapsed().as_nanos() as f64;
         let polled = p.polled_ns.load(Ordering::Relaxed) as f64;
-        // One poll may overrun its window by a check and a yield.
+        // A poll may overrun its window by a check and a yield (a whole time slice of another
+        // thread on a busy machine); the overrun is repaid from later budget, all but the
+        // last: at most one poll's worth.
+        let longest = p.longest_poll_ns.load(Ordering::Relaxed) as f64;
         assert!(
-            polled <= wall * 0.05 + BUDGET_MAX_NS + 1_000_000.0,
-            "polled {polled} ns in {wall} ns"
+            polled <= wall * 0.05 + BUDGET_MAX_NS + longest,
+            "polled {polled} ns in {wall} ns (longest poll {longest} ns)"
         );
         assert!(polled > 0.0, "it polled at all");
     }
