@@ -1,5 +1,6 @@
 //! `GrpcBackend` routing against fake storage nodes in this process: tonic servers that answer
-//! the cluster map, volume lookups and the `Io` stream by a script (who leads which group), so
+//! the cluster map and volume lookups, and data lanes that answer I/O, by a script (who leads
+//! which group), so
 //! leader hints, elections, dead nodes, chunk splitting and flushes are exercised without a
 //! real cluster. (End-to-end tests with real storage nodes live in `tests/`.)
 
@@ -9,18 +10,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tern_common::{chunk_group, CHUNK_SIZE};
 use tern_nbd_frontend::backend::{Backend, BackendError, Extent};
 use tern_nbd_frontend::grpc::GrpcBackend;
+use tern_proto::lane;
 use tern_proto::v1::block_io_server::{BlockIo, BlockIoServer};
 use tern_proto::v1::cluster_server::{Cluster, ClusterServer};
 use tern_proto::v1::io_request::Op;
 use tern_proto::v1::io_response::Result as Reply;
 use tern_proto::v1::volume_admin_server::{VolumeAdmin, VolumeAdminServer};
 use tern_proto::v1::{self as v1};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status};
 
 const C: u64 = CHUNK_SIZE;
@@ -138,6 +142,7 @@ fn describe(op: &Op, groups: u32) -> Described {
         Op::Trim(r) => ("trim", r.offset, r.length, group(r.offset), None),
         Op::BlockStatus(r) => ("block_status", r.offset, r.length, group(r.offset), None),
         Op::Flush(r) => ("flush", 0, 0, r.group, None),
+        Op::Ping(_) => ("ping", 0, 0, None, None),
     }
 }
 
@@ -216,6 +221,52 @@ impl Cluster for Fake {
 
 type IoStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::IoResponse, Status>> + Send + 'static>>;
+
+/// Serves data lanes as a storage node does: each request answered by the script, in order;
+/// pings at once.
+async fn serve_lanes(fake: Fake, mut lanes: mpsc::Receiver<(TcpStream, SocketAddr)>) {
+    while let Some((mut s, _)) = lanes.recv().await {
+        let me = fake.clone();
+        tokio::spawn(async move {
+            if lane::accept_hello(&mut s).await.is_err() {
+                return;
+            }
+            let welcome =
+                v1::LaneWelcome { version: lane::VERSION, node_id: me.id, error: String::new() };
+            if lane::send_welcome(&mut s, &welcome).await.is_err() {
+                return;
+            }
+            let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
+            loop {
+                loop {
+                    let req: v1::IoRequest = match lane::take_frame(&mut buf) {
+                        Ok(Some(f)) => match lane::decode(f) {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        },
+                        Ok(None) => break,
+                        Err(_) => return,
+                    };
+                    let result = match req.op {
+                        Some(Op::Ping(_)) => Some(Reply::Pong(true)),
+                        op => op.map(|op| me.answer(op)),
+                    };
+                    lane::put_frame(&v1::IoResponse { id: req.id, result }, &mut out);
+                }
+                if !out.is_empty() {
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+                match s.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+}
 
 fn unimplemented<T>() -> Result<Response<T>, Status> {
     Err(Status::unimplemented("not in the fake"))
@@ -382,8 +433,10 @@ impl Nodes {
                 .add_service(BlockIoServer::new(fake.clone()))
                 .add_service(VolumeAdminServer::new(fake.clone()))
                 .add_optional_service(cluster);
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            tokio::spawn(router.serve_with_incoming(incoming));
+            let incoming = lane::split(listener);
+            tokio::spawn(serve_lanes(fake.clone(), incoming.lanes));
+            let grpc = tokio_stream::wrappers::ReceiverStream::new(incoming.grpc);
+            tokio::spawn(router.serve_with_incoming(grpc));
             fakes.push(fake);
         }
         Self { fakes, addrs, log }

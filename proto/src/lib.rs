@@ -1,4 +1,5 @@
-//! gRPC definitions shared by Tern's daemons and the `tern` CLI.
+//! gRPC definitions shared by Tern's daemons and the `tern` CLI, and the data lanes' framing
+//! ([`lane`]).
 //!
 //! The generated code lives in [`v1`]. Daemons convert between these wire types and their own
 //! domain types at their service boundary, in one place per type; domain types never derive
@@ -10,3 +11,5 @@
 pub mod v1 {
     tonic::include_proto!("tern.v1");
 }
+
+pub mod lane;

@@ -4,7 +4,8 @@
 //! through an [`engine::IoEngine`] (io_uring, or its synchronous twin), and a block map in
 //! RocksDB ([`meta`], key layout in [`keys`]) that says, per block, which slot holds it and its
 //! crc32c. [`store::ChunkStore`] implements the data path; [`service`] exposes it as the
-//! `BlockIo` and `VolumeAdmin` gRPC services; [`metrics`] says how it goes, at `/metrics`.
+//! `BlockIo` and `VolumeAdmin` gRPC services, and `lane` serves the data lanes (the `BlockIo.Io`
+//! stream without HTTP/2) on the same port; [`metrics`] says how it goes, at `/metrics`.
 
 pub mod aligned;
 pub mod chunk;
@@ -13,6 +14,7 @@ pub mod epoch;
 pub mod error;
 pub mod fullness;
 pub mod keys;
+mod lane;
 pub mod manager_link;
 pub mod meta;
 pub mod metrics;
@@ -58,9 +60,16 @@ pub async fn serve(
             .max_encoding_message_size(256 << 20)
     });
     tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "storage node listening");
-    // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it here, or
-    // every small reply waits for the peer's delayed ACK (40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // One port for both: data lanes are served by `lane`, every other connection (gRPC) is
+    // handed on to tonic. Lanes stop taking requests when `lanes_stop` turns true.
+    let (lanes_stop, lanes_stopped) = tokio::sync::watch::channel(false);
+    let lanes = lane::Lanes::default();
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(lane::accept(
+        listener,
+        svc.clone(),
+        lanes_stopped,
+        lanes.clone(),
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -86,9 +95,11 @@ pub async fn serve(
         r = &mut server => r,
         () = shutdown => {
             let _ = stop_tx.send(());
+            let _ = lanes_stop.send(true);
             // Frontends keep their connections open, which would hold a graceful shutdown
             // forever: give in-flight requests a moment, then stop.
-            match tokio::time::timeout(std::time::Duration::from_secs(3), &mut server).await {
+            let both = async { tokio::join!(&mut server, lanes.drained()).0 };
+            match tokio::time::timeout(std::time::Duration::from_secs(3), both).await {
                 Ok(r) => r,
                 Err(_) => {
                     tracing::info!("connections still open after 3 s; stopping anyway");

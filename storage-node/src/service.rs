@@ -488,8 +488,24 @@ impl Service {
         Ok(v1::BlockStatusResponse { extents })
     }
 
-    async fn do_io_owned(self, req: v1::IoRequest, origin: Option<usize>) -> v1::IoResponse {
+    pub(crate) async fn do_io_owned(
+        self,
+        req: v1::IoRequest,
+        origin: Option<usize>,
+    ) -> v1::IoResponse {
         self.do_io(req, origin).await
+    }
+
+    /// The index of the datacenter named by a frontend (`None` without a cluster, or for a
+    /// name the cluster does not know): where the leaders of the groups it uses move.
+    pub(crate) fn origin(&self, datacenter: &str) -> Option<usize> {
+        let c = self.cluster.as_ref()?;
+        Some(datacenter).filter(|d| !d.is_empty()).and_then(|d| c.origin(d))
+    }
+
+    /// This node's id in its cluster (0 without one).
+    pub(crate) fn node_id(&self) -> u64 {
+        self.node_id
     }
 
     /// Counts a request for `v` at `offset` from the frontend's datacenter `origin`, where the
@@ -527,6 +543,7 @@ impl Service {
                 let status = self.do_block_status(r);
                 self.counted(IoOp::BlockStatus, 0, status).await.map(R::BlockStatus)
             }
+            Some(Op::Ping(_)) => Ok(R::Pong(true)),
             None => Err(Status::invalid_argument("I/O request without an operation")),
         };
         let result = result.unwrap_or_else(|s| {
@@ -556,7 +573,7 @@ pub type IoStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::IoResponse, Status>> + Send>>;
 
 /// Requests in flight on one `Io` stream before the node stops reading more from it.
-const IO_STREAM_DEPTH: usize = 256;
+pub(crate) const IO_STREAM_DEPTH: usize = 256;
 
 #[tonic::async_trait]
 impl BlockIo for Service {
@@ -567,12 +584,10 @@ impl BlockIo for Service {
         req: Request<tonic::Streaming<v1::IoRequest>>,
     ) -> Result<Response<Self::IoStream>, Status> {
         // Where the frontend runs: leaders follow their requests there (see `leadership`).
-        let origin = match (&self.cluster, req.metadata().get(tern_common::DATACENTER_HEADER)) {
-            (Some(c), Some(dc)) => {
-                dc.to_str().ok().filter(|d| !d.is_empty()).and_then(|d| c.origin(d))
-            }
-            _ => None,
-        };
+        let origin = req
+            .metadata()
+            .get(tern_common::DATACENTER_HEADER)
+            .and_then(|dc| self.origin(dc.to_str().ok()?));
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(IO_STREAM_DEPTH);
         let svc = self.clone();

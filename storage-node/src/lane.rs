@@ -1,0 +1,170 @@
+//! The node's side of data lanes (`tern_proto::lane`): the `Io` stream's requests on a plain
+//! TCP connection to the gRPC port.
+//!
+//! [`accept`] takes every connection to the port and looks at its first byte
+//! (`tern_proto::lane::split`): a lane starts with `lane::MAGIC`, anything else goes on to
+//! tonic (HTTP/2). A connection that sends nothing within the handshake timeout is closed.
+//!
+//! [`serve_lane`] runs one lane in one task: it reads as many requests as arrived, runs them
+//! concurrently (at most `IO_STREAM_DEPTH`), and writes the responses that are ready together,
+//! after giving the tasks that are ready now one turn (so completions that arrive together
+//! leave in one write). A broken frame closes the lane, logged; other lanes go on.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tern_proto::lane;
+use tern_proto::v1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::service::{Service, IO_STREAM_DEPTH};
+
+/// Bytes a lane asks the kernel for per read: many 4 KiB writes' frames at once.
+const READ_CHUNK: usize = 256 << 10;
+/// Responses gathered before they are written even if more are ready.
+const WRITE_BATCH: usize = 4 << 20;
+
+/// The lanes being served, so that a stopping node can wait for them.
+#[derive(Clone, Default)]
+pub(crate) struct Lanes {
+    open: Arc<AtomicUsize>,
+    closed: Arc<tokio::sync::Notify>,
+}
+
+impl Lanes {
+    /// Waits until no lane is open.
+    pub(crate) async fn drained(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Serves the lanes among the connections accepted on `listener` and returns the others
+/// (gRPC) for tonic. Lanes stop taking requests when `stop` turns true.
+pub(crate) fn accept(
+    listener: TcpListener,
+    svc: Service,
+    stop: watch::Receiver<bool>,
+    lanes: Lanes,
+) -> mpsc::Receiver<io::Result<TcpStream>> {
+    let lane::Incoming { lanes: mut incoming, grpc } = lane::split(listener);
+    tokio::spawn(async move {
+        while let Some((stream, peer)) = incoming.recv().await {
+            let (svc, stop, lanes) = (svc.clone(), stop.clone(), lanes.clone());
+            lanes.open.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(async move {
+                if let Err(e) = serve_lane(svc, stream, stop).await {
+                    tracing::info!(%peer, %e, "data lane closed");
+                }
+                lanes.open.fetch_sub(1, Ordering::AcqRel);
+                lanes.closed.notify_waiters();
+            });
+        }
+    });
+    grpc
+}
+
+/// Serves one lane until the client closes it, it breaks, or the node stops (then the
+/// requests already running are answered first).
+async fn serve_lane(
+    svc: Service,
+    mut stream: TcpStream,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let hello = lane::accept_hello(&mut stream).await?;
+    if hello.version != lane::VERSION {
+        let error = format!(
+            "lane version {} is not served (this node speaks {})",
+            hello.version,
+            lane::VERSION
+        );
+        let no = v1::LaneWelcome { version: lane::VERSION, node_id: svc.node_id(), error };
+        let _ = lane::send_welcome(&mut stream, &no).await;
+        return Err(io::Error::new(io::ErrorKind::InvalidData, no.error));
+    }
+    let welcome =
+        v1::LaneWelcome { version: lane::VERSION, node_id: svc.node_id(), error: String::new() };
+    lane::send_welcome(&mut stream, &welcome).await?;
+    // Where the frontend runs: leaders follow their requests there (see `leadership`).
+    let origin = svc.origin(&hello.datacenter);
+
+    let (mut rd, mut wr) = stream.into_split();
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::new();
+    let mut running = FuturesUnordered::new();
+    let mut open = !*stop.borrow();
+    loop {
+        // Start every request that arrived whole (while there is room).
+        while running.len() < IO_STREAM_DEPTH {
+            let Some(frame) = lane::take_frame(&mut inbuf)? else { break };
+            let req: v1::IoRequest = lane::decode(frame)?;
+            if let Some(v1::io_request::Op::Ping(_)) = req.op {
+                // Answered ahead of any I/O: the client checks the lane, not the disks.
+                let pong = v1::IoResponse {
+                    id: req.id,
+                    result: Some(v1::io_response::Result::Pong(true)),
+                };
+                lane::put_frame(&pong, &mut out);
+            } else {
+                running.push(svc.clone().do_io_owned(req, origin));
+            }
+        }
+        // Gather what is done; then give the tasks that are ready now (the engine's reaper,
+        // other lanes) one turn, so that completions arriving together go in one write.
+        gather(&mut running, &mut out);
+        if !out.is_empty() {
+            tokio::task::yield_now().await;
+            gather(&mut running, &mut out);
+            wr.write_all(&out).await?;
+            out.clear();
+            continue;
+        }
+        if !open && running.is_empty() {
+            return Ok(());
+        }
+        if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
+            inbuf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            Some(resp) = running.next(), if !running.is_empty() => lane::put_frame(&resp, &mut out),
+            r = rd.read_buf(&mut inbuf), if open && running.len() < IO_STREAM_DEPTH => {
+                if r? == 0 {
+                    open = false;
+                    if !inbuf.is_empty() {
+                        tracing::debug!(bytes = inbuf.len(), "lane closed in the middle of a frame");
+                    }
+                }
+            }
+            r = stop.changed(), if open => {
+                if r.is_err() || *stop.borrow() {
+                    open = false;
+                }
+            }
+        }
+    }
+}
+
+/// Appends the responses of the requests that are done to `out` (up to [`WRITE_BATCH`]).
+fn gather<F: std::future::Future<Output = v1::IoResponse>>(
+    running: &mut FuturesUnordered<F>,
+    out: &mut BytesMut,
+) {
+    while out.len() < WRITE_BATCH {
+        match running.next().now_or_never() {
+            Some(Some(resp)) => lane::put_frame(&resp, out),
+            _ => return,
+        }
+    }
+}
