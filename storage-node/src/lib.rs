@@ -63,7 +63,7 @@ pub async fn serve(
     // One port for both: data lanes are served by `lane`, every other connection (gRPC) is
     // handed on to tonic. Lanes stop taking requests when `lanes_stop` turns true.
     let (lanes_stop, lanes_stopped) = tokio::sync::watch::channel(false);
-    let lanes = lane::Lanes::default();
+    let lanes = lane::Lanes::new(metrics.io().lanes.clone());
     let incoming = tokio_stream::wrappers::ReceiverStream::new(lane::accept(
         listener,
         svc.clone(),

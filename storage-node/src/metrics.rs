@@ -19,7 +19,7 @@ use std::time::Duration;
 use openraft::ServerState;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tern_common::metrics::Family;
 
 use crate::replication::{Cluster, Member};
@@ -113,6 +113,8 @@ pub struct IoMetrics {
     errors: [IntCounter; 6],
     read_bytes: IntCounter,
     written_bytes: IntCounter,
+    /// Data lanes open.
+    pub(crate) lanes: IntGauge,
 }
 
 impl IoMetrics {
@@ -140,8 +142,13 @@ impl IoMetrics {
             ),
             &["op"],
         )?;
+        let lanes = IntGauge::new(
+            "tern_storage_node_data_lanes",
+            "Data lanes open: frontends' connections carrying block I/O.",
+        )?;
         let per_op = |v: &IntCounterVec| IoOp::ALL.map(|op| v.with_label_values(&[op.label()]));
         Ok(Self {
+            lanes,
             ops: per_op(&ops_vec),
             errors: per_op(&errors_vec),
             read_bytes: bytes_vec.with_label_values(&["read"]),
@@ -155,7 +162,8 @@ impl IoMetrics {
     fn register(&self, r: &Registry) -> prometheus::Result<()> {
         r.register(Box::new(self.ops_vec.clone()))?;
         r.register(Box::new(self.errors_vec.clone()))?;
-        r.register(Box::new(self.bytes_vec.clone()))
+        r.register(Box::new(self.bytes_vec.clone()))?;
+        r.register(Box::new(self.lanes.clone()))
     }
 
     /// Counts one request: `bytes` of a successful read or write (0 otherwise).

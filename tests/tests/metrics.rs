@@ -205,6 +205,8 @@ fn a_single_node_and_its_frontend_export_what_applies() {
     assert_eq!(sample(&n, r#"tern_storage_node_io_bytes_total{op="write"}"#), Some(MIB));
     assert_eq!(sample(&n, "tern_storage_node_allocated_bytes"), Some(MIB), "{n}");
     assert_eq!(sample(&n, "tern_storage_node_volumes"), Some(1.0));
+    // The frontend keeps its data lanes open (two per node) after the client has gone.
+    assert_eq!(sample(&n, "tern_storage_node_data_lanes"), Some(2.0), "{n}");
     assert!(sample(&n, "tern_storage_node_capacity_bytes").is_some_and(|c| c > 0.0), "{n}");
     // Raft and replacement exist only in a cluster.
     assert!(!n.contains("tern_storage_node_raft_term"), "{n}");
