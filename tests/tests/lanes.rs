@@ -137,3 +137,58 @@ fn lanes_serve_reads_and_bad_input_closes_only_its_own_lane() {
     d.must_run(30, "qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 1M 64k"]);
     d.must_be_alive();
 }
+
+/// Nodes keep serving the `BlockIo.Io` gRPC stream (frontends from before lanes) and the
+/// unary calls, with the same answers as a lane gives.
+#[test]
+fn the_grpc_io_stream_and_unary_calls_still_serve() {
+    let mut d = Deployment::start();
+    d.create_volume("vol", "16M");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let uri = format!("http://{}", d.node_addr);
+        let mut admin =
+            v1::volume_admin_client::VolumeAdminClient::connect(uri.clone()).await.unwrap();
+        let vols = admin.list_volumes(v1::ListVolumesRequest {}).await.unwrap().into_inner();
+        let vol = vols.volumes.iter().find(|v| v.name == "vol").expect("vol is listed").id;
+        let header = Some(v1::IoHeader { volume_id: vol, epoch: 0, generation: 0 });
+        let mut io = v1::block_io_client::BlockIoClient::connect(uri).await.unwrap();
+
+        let write = v1::IoRequest {
+            id: 1,
+            op: Some(Op::Write(v1::WriteRequest {
+                header,
+                offset: 8192,
+                data: vec![0xc3; 8192].into(),
+                fua: true,
+            })),
+        };
+        let ping = v1::IoRequest { id: 2, op: Some(Op::Ping(v1::Ping {})) };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(write).await.unwrap();
+        tx.send(ping).await.unwrap();
+        let mut answers = io
+            .io(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(answers.message().await.unwrap().expect("an answer per request"));
+        }
+        got.sort_by_key(|r| r.id);
+        assert_eq!(got[0].result, Some(Reply::Done(true)), "{:?}", got[0]);
+        assert_eq!(got[1].result, Some(Reply::Pong(true)));
+        // A read on the same stream sees the write; so does a unary read.
+        tx.send(read(3, vol, 8192, 8192)).await.unwrap();
+        let r = answers.message().await.unwrap().unwrap();
+        assert!(matches!(&r.result, Some(Reply::Read(x)) if x.data.iter().all(|&b| b == 0xc3) && x.data.len() == 8192));
+        let unary = io
+            .read(v1::ReadRequest { header, offset: 8192, length: 4096 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(unary.data.iter().all(|&b| b == 0xc3) && unary.data.len() == 4096);
+    });
+    d.must_be_alive();
+}
