@@ -47,6 +47,8 @@ pub const MAGIC: [u8; 8] = *b"TERNLANE";
 pub const VERSION: u32 = 1;
 /// The largest frame either side accepts: a 64 MiB request's data and its other fields.
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
+/// Bytes either side asks the kernel for per read: many frames at once.
+pub const READ_CHUNK: usize = 256 << 10;
 /// The largest handshake message.
 const MAX_HANDSHAKE: usize = 4096;
 /// How long either side waits for the other's handshake.
@@ -103,6 +105,14 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
     }
     buf.advance(4);
     Ok(Some(buf.split_to(n).freeze()))
+}
+
+/// Makes room in a lane's read buffer for the next read (at least a quarter of
+/// [`READ_CHUNK`]), so that one read takes whatever arrived.
+pub fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
 }
 
 /// Decodes one message of a frame (zero-copy for `bytes` fields: they share `frame`).

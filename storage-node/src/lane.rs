@@ -11,7 +11,6 @@
 //! leave in one write). A broken frame closes the lane, logged; other lanes go on.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -25,8 +24,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::service::{Service, IO_STREAM_DEPTH};
 
-/// Bytes a lane asks the kernel for per read: many 4 KiB writes' frames at once.
-const READ_CHUNK: usize = 256 << 10;
 /// Responses gathered before they are written even if more are ready.
 const WRITE_BATCH: usize = 4 << 20;
 
@@ -37,25 +34,24 @@ const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 const KEEPALIVE_PROBES: u32 = 3;
 
-/// The lanes being served, so that a stopping node can wait for them, and their count
-/// (`tern_storage_node_data_lanes`).
+/// The lanes being served: their count (`tern_storage_node_data_lanes`), which a stopping
+/// node waits to fall to zero.
 #[derive(Clone)]
 pub(crate) struct Lanes {
-    open: Arc<AtomicUsize>,
+    open: prometheus::IntGauge,
     closed: Arc<tokio::sync::Notify>,
-    gauge: prometheus::IntGauge,
 }
 
 impl Lanes {
-    pub(crate) fn new(gauge: prometheus::IntGauge) -> Self {
-        Self { open: Arc::default(), closed: Arc::default(), gauge }
+    pub(crate) fn new(open: prometheus::IntGauge) -> Self {
+        Self { open, closed: Arc::default() }
     }
 
     /// Waits until no lane is open.
     pub(crate) async fn drained(&self) {
         loop {
             let notified = self.closed.notified();
-            if self.open.load(Ordering::Acquire) == 0 {
+            if self.open.get() == 0 {
                 return;
             }
             notified.await;
@@ -82,14 +78,12 @@ pub(crate) fn accept(
                 tracing::warn!(%peer, %e, "cannot set TCP keep-alive on a data lane");
             }
             let (svc, stop, lanes) = (svc.clone(), stop.clone(), lanes.clone());
-            lanes.open.fetch_add(1, Ordering::AcqRel);
-            lanes.gauge.inc();
+            lanes.open.inc();
             tokio::spawn(async move {
                 if let Err(e) = serve_lane(svc, stream, stop).await {
                     tracing::info!(%peer, %e, "data lane closed");
                 }
-                lanes.gauge.dec();
-                lanes.open.fetch_sub(1, Ordering::AcqRel);
+                lanes.open.dec();
                 lanes.closed.notify_waiters();
             });
         }
@@ -105,24 +99,21 @@ async fn serve_lane(
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let hello = lane::accept_hello(&mut stream).await?;
-    if hello.version != lane::VERSION {
-        let error = format!(
-            "lane version {} is not served (this node speaks {})",
-            hello.version,
-            lane::VERSION
-        );
-        let no = v1::LaneWelcome { version: lane::VERSION, node_id: svc.node_id(), error };
-        let _ = lane::send_welcome(&mut stream, &no).await;
-        return Err(io::Error::new(io::ErrorKind::InvalidData, no.error));
-    }
-    let welcome =
-        v1::LaneWelcome { version: lane::VERSION, node_id: svc.node_id(), error: String::new() };
+    let error = if hello.version == lane::VERSION {
+        String::new()
+    } else {
+        format!("lane version {} is not served (this node speaks {})", hello.version, lane::VERSION)
+    };
+    let welcome = v1::LaneWelcome { version: lane::VERSION, node_id: svc.node_id(), error };
     lane::send_welcome(&mut stream, &welcome).await?;
+    if !welcome.error.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, welcome.error));
+    }
     // Where the frontend runs: leaders follow their requests there (see `leadership`).
     let origin = svc.origin(&hello.datacenter);
 
     let (mut rd, mut wr) = stream.into_split();
-    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut inbuf = BytesMut::with_capacity(lane::READ_CHUNK);
     let mut out = BytesMut::new();
     let mut running = FuturesUnordered::new();
     let mut open = !*stop.borrow();
@@ -130,17 +121,8 @@ async fn serve_lane(
         // Start every request that arrived whole (while there is room).
         while running.len() < IO_STREAM_DEPTH {
             let Some(frame) = lane::take_frame(&mut inbuf)? else { break };
-            let req: v1::IoRequest = lane::decode(frame)?;
-            if let Some(v1::io_request::Op::Ping(_)) = req.op {
-                // Answered ahead of any I/O: the client checks the lane, not the disks.
-                let pong = v1::IoResponse {
-                    id: req.id,
-                    result: Some(v1::io_response::Result::Pong(true)),
-                };
-                lane::put_frame(&pong, &mut out);
-            } else {
-                running.push(svc.clone().do_io_owned(req, origin));
-            }
+            // A ping does no I/O: it is answered by the first `gather` below.
+            running.push(svc.clone().do_io_owned(lane::decode(frame)?, origin));
         }
         // Gather what is done; then give the tasks that are ready now (the engine's reaper,
         // other lanes) one turn, so that completions arriving together go in one write.
@@ -155,9 +137,7 @@ async fn serve_lane(
         if !open && running.is_empty() {
             return Ok(());
         }
-        if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
-            inbuf.reserve(READ_CHUNK);
-        }
+        lane::make_room(&mut inbuf);
         tokio::select! {
             biased;
             Some(resp) = running.next(), if !running.is_empty() => lane::put_frame(&resp, &mut out),

@@ -35,8 +35,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a lane's TCP connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Bytes a lane asks the kernel for per read: many responses at once.
-const READ_CHUNK: usize = 256 << 10;
 /// Requests gathered into one write even if more are queued.
 const WRITE_BATCH: usize = 4 << 20;
 /// A lane's write buffer is given back after a write larger than this (a 64 MiB request must
@@ -296,7 +294,7 @@ async fn read_lane(
     dead: Arc<watch::Sender<bool>>,
 ) {
     let mut died = dead.subscribe();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(lane::READ_CHUNK);
     // Liveness: `heard` is set by every read; a tick that finds it unset sends a ping, and
     // the next tick (KEEPALIVE_TIMEOUT later) that still finds it unset ends the lane.
     let mut heard = false;
@@ -319,9 +317,7 @@ async fn read_lane(
                 let _ = w.send(Ok(r));
             }
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
+        lane::make_room(&mut buf);
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break "the storage node closed the data lane".to_string(),
