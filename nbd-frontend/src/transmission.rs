@@ -36,6 +36,13 @@ use crate::server::{ConnectionError, ServerOptions};
 /// Socket buffer sizes of the reader and the writer: several small requests per syscall.
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
+/// Replies buffered past this many bytes are written at once, even if more are queued: two
+/// 4 KiB read replies. The client starts on them (and sends its next requests) while the
+/// rest are still coming, instead of receiving the whole queue depth in one write and
+/// answering with a burst that reaches the disk all at once. Write acknowledgements (16
+/// bytes) still leave together. Measured, single node, 4 KiB randread QD32 (with the node's
+/// smaller batches): 16 KiB 44.2k IOPS, one reply per write 45.7k, 8 KiB alike.
+const FLUSH_AT: usize = 8 << 10;
 
 /// A block status query asks the backend about at most this much; the spec lets the reply
 /// cover less than was asked, and this bounds the reply's size.
@@ -481,7 +488,8 @@ async fn execute<B: Backend>(
 }
 
 /// The writing side: writes replies whole, in the order they complete, and flushes whenever
-/// no other reply is waiting. Ends when every sender is gone, then shuts the socket down.
+/// no other reply is waiting or [`FLUSH_AT`] bytes are buffered. Ends when every sender is
+/// gone, then shuts the socket down.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::Receiver<Reply>,
@@ -494,7 +502,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
         // Returns the request's credit.
         drop(reply);
-        if rx.is_empty() {
+        if w.buffer().len() >= FLUSH_AT {
+            w.flush().await?;
+        } else if rx.is_empty() {
             // Let the requests whose answers are in hand queue their replies first: under
             // load they leave in one write (one wake-up of the client) instead of one each.
             tokio::task::yield_now().await;

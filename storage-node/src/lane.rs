@@ -24,8 +24,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::service::{Service, IO_STREAM_DEPTH};
 
-/// Responses gathered before they are written even if more are ready.
-const WRITE_BATCH: usize = 4 << 20;
+/// Responses gathered before they are written even if more are ready: about four 4 KiB
+/// reads. Small enough that the frontend starts passing the first replies on while the node
+/// works through the rest (the stages overlap instead of moving the whole queue depth as one
+/// convoy), large enough that write acknowledgements (a few bytes each) still leave
+/// together. Measured, single node, 4 KiB randread QD32: 64 KiB 41.8k IOPS, 16 KiB 43.9k,
+/// 8 KiB 42.1k, one response per write 37.6k.
+const WRITE_BATCH: usize = 16 << 10;
 
 /// TCP keep-alive on accepted lanes: a frontend host that vanished without closing its
 /// connections (power loss, partition) has its lanes closed after about 30 s + 3 x 5 s of

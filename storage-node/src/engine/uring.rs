@@ -24,6 +24,22 @@ use tokio::sync::oneshot;
 use super::{DataFile, IoEngine, IoFuture};
 use crate::aligned::AlignedBuf;
 
+/// A read is submitted at once, in its own `io_uring_enter`, while at most this many
+/// operations are in flight (itself included); beyond that it joins the next batch.
+///
+/// Why reads differ from writes: a client waits on every read, and a read that waits for a
+/// batch leaves the device idle meanwhile. With batched reads, the requests of a QD32 client
+/// moved through the frontend, the node and the disk as one convoy: the disk sat idle about
+/// half the time while the CPUs worked through the batch, then the CPUs idled while the disk
+/// worked (measured, single node, 4 KiB randread QD32: `iostat` %util 49, 0.35 ms per read
+/// at 13.8 queued, where the same disk does 0.15 ms at 12 queued). Reads submitted as they
+/// come keep the device fed: 0.19 ms per read and +20% IOPS (with the smaller reply batches
+/// of the lane and the frontend). Writes keep batching: a lone write still goes at once, but
+/// on a replicated cluster the nodes' CPUs are the bottleneck and every extra submission
+/// (with its device notification, a VM exit here) cost throughput (8.9k -> 7.5k IOPS at QD32
+/// with writes submitted like reads).
+const READ_NOW_UP_TO: usize = 16;
+
 enum Kind {
     Read,
     Write,
@@ -106,14 +122,17 @@ impl UringEngine {
         offset: u64,
     ) -> IoFuture<Option<AlignedBuf>> {
         let (done, rx) = oneshot::channel();
+        let now_up_to = if matches!(kind, Kind::Read) { READ_NOW_UP_TO } else { 1 };
         let op = Op { kind, file, buf, offset, done };
         let alone = {
             let mut st = self.inner.state.lock();
             st.waiting.push_back(op);
             st.push_waiting();
-            // Nothing else in flight: no batch to wait for, submit now (lowest latency).
-            let alone =
-                st.count <= 1 && !self.inner.submit_owed.load(std::sync::atomic::Ordering::Acquire);
+            // Nothing else in flight: no batch to wait for, submit now (lowest latency). A
+            // read goes now while the device holds few operations (see READ_NOW_UP_TO).
+            let alone = st.count <= now_up_to
+                && (now_up_to > 1
+                    || !self.inner.submit_owed.load(std::sync::atomic::Ordering::Acquire));
             if alone {
                 if let Err(e) = st.ring.submit() {
                     tracing::warn!(%e, "io_uring submit failed; retried on the next request");
