@@ -550,6 +550,70 @@ mod tests {
         validate(&r, Bytes::new(), s).unwrap_err().errno
     }
 
+    /// Records the size of every write that reaches the socket.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Arc<parking_lot::Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.writes.lock().push(buf.len());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Queues `n` replies (4 KiB reads, or acknowledgements) and returns the writes the
+    /// reply writer made of them.
+    async fn writes_for(n: u64, read: bool) -> Vec<usize> {
+        let credit = Credit::new(&ServerOptions::default());
+        let (tx, rx) = mpsc::channel(n as usize);
+        for cookie in 0..n {
+            let permit = credit.acquire(&req(Command::Read, 0, 0, 4096)).await;
+            let success = if read {
+                Success::Data { offset: cookie * 4096, data: Bytes::from(vec![7u8; 4096]) }
+            } else {
+                Success::Done
+            };
+            tx.send(success_reply(true, cookie, success, permit)).await.unwrap();
+        }
+        drop(tx);
+        let rec = Recorder::default();
+        let writes = rec.writes.clone();
+        write_replies(rec, rx).await.unwrap();
+        let w = writes.lock().clone();
+        w
+    }
+
+    #[tokio::test]
+    async fn read_replies_leave_in_small_batches_and_acks_together() {
+        // 16 queued read replies: written a few at a time (the client starts on the first
+        // while the rest follow), never all in one write.
+        let reply = STRUCTURED_REPLY_HEADER_LEN + 8 + 4096;
+        let writes = writes_for(16, true).await;
+        assert_eq!(writes.iter().sum::<usize>(), 16 * reply);
+        assert!(writes.len() >= 16 * reply / (FLUSH_AT + reply), "{writes:?}");
+        assert!(writes.iter().all(|&w| w < FLUSH_AT + reply), "{writes:?}");
+        // 100 queued acknowledgements (16 bytes each): one write.
+        assert_eq!(writes_for(100, false).await, vec![100 * 16]);
+    }
+
     #[test]
     fn backend_errors_map_to_spec_errnos() {
         assert_eq!(errno(&BackendError::InvalidArgument("x".into())), 22);
