@@ -1,8 +1,8 @@
 //! `GrpcBackend` routing against fake storage nodes in this process: tonic servers that answer
 //! the cluster map and volume lookups, and data lanes that answer I/O, by a script (who leads
-//! which group), so
-//! leader hints, elections, dead nodes, chunk splitting and flushes are exercised without a
-//! real cluster. (End-to-end tests with real storage nodes live in `tests/`.)
+//! which group), so leader hints, elections, dead nodes, chunk splitting and flushes are
+//! exercised without a real cluster. (End-to-end tests with real storage nodes live in
+//! `tests/`.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -29,9 +29,8 @@
 
 use std::fmt;
 use std::io;
-use std::time::Duration;
-
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;

@@ -6,9 +6,10 @@
 //! tonic (HTTP/2). A connection that sends nothing within the handshake timeout is closed.
 //!
 //! [`serve_lane`] runs one lane in one task: it reads as many requests as arrived, runs them
-//! concurrently (at most `IO_STREAM_DEPTH`), and writes the responses that are ready together,
-//! after giving the tasks that are ready now one turn (so completions that arrive together
-//! leave in one write). A broken frame closes the lane, logged; other lanes go on.
+//! concurrently (at most `IO_STREAM_DEPTH`), and writes the responses that are ready together
+//! (up to [`WRITE_BATCH`] bytes a write), after giving the tasks that are ready now one turn (so
+//! completions that arrive together leave in one write). A broken frame closes the lane,
+//! logged; other lanes go on.
 
 use std::io;
 use std::sync::Arc;

@@ -122,17 +122,20 @@ impl UringEngine {
         offset: u64,
     ) -> IoFuture<Option<AlignedBuf>> {
         let (done, rx) = oneshot::channel();
-        let now_up_to = if matches!(kind, Kind::Read) { READ_NOW_UP_TO } else { 1 };
+        let read = matches!(kind, Kind::Read);
         let op = Op { kind, file, buf, offset, done };
         let alone = {
             let mut st = self.inner.state.lock();
             st.waiting.push_back(op);
             st.push_waiting();
-            // Nothing else in flight: no batch to wait for, submit now (lowest latency). A
-            // read goes now while the device holds few operations (see READ_NOW_UP_TO).
-            let alone = st.count <= now_up_to
-                && (now_up_to > 1
-                    || !self.inner.submit_owed.load(std::sync::atomic::Ordering::Acquire));
+            // A read goes now while the device holds few operations (see READ_NOW_UP_TO);
+            // anything else only with nothing else in flight and no batch owed (lowest
+            // latency, nothing to batch with).
+            let alone = if read {
+                st.count <= READ_NOW_UP_TO
+            } else {
+                st.count <= 1 && !self.inner.submit_owed.load(std::sync::atomic::Ordering::Acquire)
+            };
             if alone {
                 if let Err(e) = st.ring.submit() {
                     tracing::warn!(%e, "io_uring submit failed; retried on the next request");
